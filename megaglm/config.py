@@ -1,0 +1,186 @@
+"""Typed run configuration: dataclasses registered with Hydra's ConfigStore.
+
+``conf/config.yaml`` composes the groups ``model``, ``parallel``, ``data``, ``train``, ``precision``,
+``checkpoint`` and ``logging`` on top of the :class:`RunConfig` schema, so a misspelled key or a value of
+the wrong type fails at composition time with Hydra's message naming the key.
+
+Field names follow megatron-core / Megatron-LM (``tensor_model_parallel_size``, ``micro_batch_size``,
+``rotary_base`` ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """A GLM-architecture decoder (pre-norm RMSNorm, SwiGLU, GQA, partial interleaved RoPE, QKV bias).
+
+    Numbers of the published models are in ``shared/DESIGN.md`` ("GLM-4 facts").
+    """
+
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING  # GLM "multi_query_group_num": KV heads
+    kv_channels: int = MISSING  # head dim
+    seq_length: int = MISSING  # the context length the preset is trained for
+    # Padded vocabulary of a published checkpoint (e.g. 151552); None = the tokenizer's size padded to
+    # make_vocab_size_divisible_by x tensor_model_parallel_size.
+    padded_vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    rotary_base: float = 10000.0  # = 10000 x THUDM rope_ratio
+    rotary_percent: float = 0.5  # GLM rotates the first half of each head
+    rotary_interleaved: bool = True  # GLM pairs adjacent dims (x0,x1),(x2,x3)...
+    # Context-extension scaling on top of the base (issue: long context): none | linear | ntk | yarn
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    layernorm_epsilon: float = 1e-5
+    add_qkv_bias: bool = True
+    add_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    """The 3D(+CP) layout. world size = TP x PP x CP x DP; DP is derived."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    """``type``: ``glm4`` (a GLM-4 ``tokenizer.model`` at ``model_file``) or ``cl100k_glm`` (offline
+    cl100k_base plus GLM's special tokens after it, the default)."""
+
+    type: str = "cl100k_glm"
+    model_file: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Pretraining data: megatron indexed datasets (``<prefix>.bin`` / ``<prefix>.idx``).
+
+    ``blend``: ``[prefix]``, or ``[weight, prefix, weight, prefix, ...]`` as in Megatron-LM's
+    ``--data-path``. Empty with ``demo_corpus=true`` builds (once, cached) the standard-library
+    docstring corpus under ``cache_dir`` and trains on it.
+    """
+
+    blend: list[Any] = field(default_factory=list)
+    split: str = "969,30,1"
+    demo_corpus: bool = True
+    cache_dir: str = "data_cache"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_workers: int = 0
+    mmap_bin_files: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Batching, optimizer and LR schedule (megatron-core names)."""
+
+    train_iters: int = 300
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    seq_length: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 30
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None  # None = train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 4
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # uniform | block (full only)
+    recompute_num_layers: Optional[int] = None
+    exit_after_iters: Optional[int] = None  # stop (after saving) at this iteration: for resume tests
+
+
+@dataclass
+class PrecisionConfig:
+    """``params_dtype`` fp32 | bf16 | fp16; ``fp8`` None | hybrid | e4m3 (GPU + Transformer Engine)."""
+
+    name: str = "fp32"
+    params_dtype: str = "fp32"
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_margin: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    """``save_dir`` gets ``iter_XXXXXXX/`` checkpoints and a ``latest`` pointer; runs resume from
+    ``load_dir`` (default: ``save_dir``) when it holds one. ``load_optimizer=false`` takes weights only
+    (the layout may then differ)."""
+
+    save_dir: Optional[str] = "${run.output_dir}/checkpoints"
+    save_interval: int = 100
+    load_dir: Optional[str] = None
+    load_optimizer: bool = True
+    load_rng: bool = True
+    save_final: bool = True
+    keep_last: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = "${run.output_dir}/tensorboard"
+    log_interval: int = 10
+    metrics_file: Optional[str] = "${run.output_dir}/metrics.jsonl"  # one JSON line per step (rank 0)
+    progress: bool = True
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "runs/demo"
+    device: str = "auto"  # auto | cpu | cuda
+    distributed_timeout_minutes: int = 10
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (``base_config`` and one per group)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="train", name="base_train", node=TrainConfig)
+    cs.store(group="precision", name="base_precision", node=PrecisionConfig)
+    cs.store(group="checkpoint", name="base_checkpoint", node=CheckpointConfig)
+    cs.store(group="logging", name="base_logging", node=LoggingConfig)
