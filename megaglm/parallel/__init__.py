@@ -1,0 +1,1 @@
+"""Parallel layout: validation, process-group initialization, batch splitting."""

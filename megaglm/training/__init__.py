@@ -1,0 +1,1 @@
+"""Training glue around megatron-core: batches, loss, optimizer, checkpoints, logging, the loop."""
