@@ -1,0 +1,32 @@
+# Quick start:  make demo   (train the tiny GLM on CPU)   |   make test   (the test suite)
+# Both create or reuse .venv. torch==2.13.0 is installed first so pip takes the CPU build here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megaglm-installed
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/megaglm-train run.output_dir=$(RUN_DIR) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs outputs .pytest_cache
