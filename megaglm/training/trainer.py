@@ -22,7 +22,7 @@ from megaglm.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "pretrain", "forward_step"]
+__all__ = ["RunContext", "TrainResult", "setup_run", "pretrain", "forward_step"]
 
 
 @dataclass
@@ -98,19 +98,27 @@ def _evaluate(fwd_bwd, model, valid_iters, cfg, nmb) -> Optional[float]:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def pretrain(cfg: DictConfig) -> TrainResult:
-    """Train one rank of the run described by ``cfg`` (a composed :class:`megaglm.config.RunConfig`).
+@dataclass
+class RunContext:
+    """One rank's platform, layout, tokenizer and (unwrapped) model chunks."""
+
+    platform: Any
+    rank: int
+    world: int
+    layout: Any
+    tokenizer: Any
+    vocab_size: int
+    chunks: list
+
+
+def setup_run(cfg: DictConfig) -> RunContext:
+    """Platform, process groups, layout check, tokenizer and this rank's model chunks.
 
     Raises:
-        ValueError: a bad layout, batch split, data path or config value (message names the key).
+        ValueError: a layout that does not fit the world size or the model (names the key).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
+    from megatron.core import parallel_state as ps  # noqa: F401  (imported for side effects order)
 
-    from megaglm.data.pretrain import build_pretrain_datasets
     from megaglm.data.tokenizer import build_tokenizer
     from megaglm.models.glm.builder import build_model_chunks, padded_vocab_size
     from megaglm.parallel.init import init_distributed, init_model_parallel
@@ -126,6 +134,30 @@ def pretrain(cfg: DictConfig) -> TrainResult:
             "context-parallel ranks yet (long-context work); use context_parallel_size=1."
         )
     init_model_parallel(cfg.parallel, cfg.train.seed)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tp)
+    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab, train_cfg=cfg.train,
+                                device_type=platform.device_type)
+    return RunContext(platform, rank, world, layout, tokenizer, vocab, chunks)
+
+
+def pretrain(cfg: DictConfig) -> TrainResult:
+    """Train one rank of the run described by ``cfg`` (a composed :class:`megaglm.config.RunConfig`).
+
+    Raises:
+        ValueError: a bad layout, batch split, data path or config value (message names the key).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    from megaglm.data.pretrain import build_pretrain_datasets
+
+    ctx = setup_run(cfg)
+    platform, rank, world, layout = ctx.platform, ctx.rank, ctx.world, ctx.layout
+    tokenizer, vocab, chunks = ctx.tokenizer, ctx.vocab_size, ctx.chunks
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     nmb = num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_size)
     logger = MetricsLogger(rank == 0, cfg.logging.tensorboard_dir, cfg.logging.metrics_file,
@@ -133,11 +165,7 @@ def pretrain(cfg: DictConfig) -> TrainResult:
     logger.text(f"megaglm: {platform.device_type}/{platform.backend}, world {world} = TP{layout.tp} x "
                 f"PP{layout.pp} x CP{layout.cp} x DP{layout.dp}, {nmb} micro-batch(es) of "
                 f"{cfg.train.micro_batch_size} per rank per step")
-
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tp)
-    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab, train_cfg=cfg.train,
-                                device_type=platform.device_type)
+    logger.text(f"model {cfg.model.name}: padded vocab {vocab} (tokenizer {tokenizer.vocab_size})")
     tconfig = get_model_config(chunks[0])
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -150,8 +178,7 @@ def pretrain(cfg: DictConfig) -> TrainResult:
                                      disable_bucketing=(i > 0))
              for i, chunk in enumerate(chunks)]
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    logger.text(f"model {cfg.model.name}: {n_params:,} parameters on rank 0 "
-                f"(padded vocab {vocab}, tokenizer {tokenizer.vocab_size})")
+    logger.text(f"rank 0 holds {n_params:,} parameters")
 
     optimizer = build_optimizer(model, cfg.train, cfg.parallel, cfg.precision)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -258,7 +285,7 @@ def pretrain(cfg: DictConfig) -> TrainResult:
             do_save(iteration)
             last_saved = iteration
         result.tokens_per_sec = values["tokens_per_sec"]
-    if cfg.checkpoint.save_final and last_saved != iteration and iteration > 0:
+    if cfg.checkpoint.save_final and last_saved != iteration and (iteration > 0 or cfg.train.train_iters == 0):
         do_save(iteration)
     result.iteration = iteration
     logger.close()

@@ -1,0 +1,1 @@
+"""Evaluation: logits through any layout, per-length perplexity, retrieval probes."""
