@@ -1,0 +1,1 @@
+"""Model families built on megatron-core (currently GLM: :mod:`megaglm.models.glm`)."""

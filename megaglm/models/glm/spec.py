@@ -1,0 +1,194 @@
+"""Layer and block specs of the GLM decoder for megatron-core 0.16.1.
+
+Two backends:
+
+* ``"te"``: Transformer Engine modules, i.e. megatron-core's own
+  ``get_gpt_layer_with_transformer_engine_spec()`` (norms fused into ``TELayerNormColumnParallelLinear``,
+  ``TEDotProductAttention``, FP8-capable) and ``TENorm`` as the final norm. GPU only.
+* ``"local"``: megatron-core's plain modules (``ColumnParallelLinear`` / ``RowParallelLinear``,
+  ``DotProductAttention``) with :class:`megaglm.models.glm.norm.RMSNorm` in every norm slot, including the
+  block's final norm. Works on CPU and supports sequence parallelism.
+
+How megatron-core 0.16.1 picks the final norm: ``GPTModel`` hands its ``transformer_layer_spec`` to
+``TransformerBlock``. When that is a *layer* ``ModuleSpec``, the block repeats it and takes the final norm
+from ``transformer_block.LayerNormImpl`` (TENorm / Apex FusedLayerNorm / WrappedTorchNorm, by what is
+installed; WrappedTorchNorm refuses sequence parallelism). When it is a ``TransformerBlockSubmodules``,
+its ``layer_norm`` is used. So :func:`glm_block_spec` returns ``TransformerBlockSubmodules`` with the
+final norm set explicitly, and that is what :func:`megaglm.models.glm.builder.build_model` passes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Literal, Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megaglm.models.glm.norm import RMSNorm
+
+__all__ = [
+    "Backend",
+    "transformer_engine_available",
+    "select_backend",
+    "glm_layer_spec",
+    "glm_block_spec",
+    "final_norm_module",
+]
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["te", "local"]
+
+# Checkpoint names of the local spec's norms in the TE layout, where each norm is fused into the
+# following linear. Same map as megatron's local GPT spec: dist checkpoints are interchangeable
+# between the two backends.
+_LOCAL_TO_TE_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def transformer_engine_available() -> bool:
+    """True when ``transformer_engine`` (with its PyTorch bindings) imports in this process."""
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def select_backend(device_type: str) -> Backend:
+    """Choose the layer backend: ``"te"`` only when Transformer Engine imports AND the device is CUDA.
+
+    Args:
+        device_type: ``"cuda"`` or ``"cpu"`` (``Platform.device_type``).
+
+    Returns:
+        ``"te"`` or ``"local"``; the choice and its reason are logged at INFO.
+
+    Raises:
+        ValueError: ``device_type`` is neither ``"cuda"`` nor ``"cpu"``.
+    """
+    device_type = str(device_type).lower()
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if device_type != "cuda":
+        logger.info("layer backend: local (device is %s; Transformer Engine is GPU only)", device_type)
+        return "local"
+    if not transformer_engine_available():
+        logger.info("layer backend: local (device is cuda but transformer_engine does not import)")
+        return "local"
+    logger.info("layer backend: te (Transformer Engine on CUDA)")
+    return "te"
+
+
+def _te_layer_spec() -> ModuleSpec:
+    """megatron-core's Transformer Engine GPT layer spec (imports TE; raises ImportError without it)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        HAVE_TE,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if not HAVE_TE:
+        raise ImportError(
+            "glm_layer_spec(use_te=True) needs transformer_engine; install megaglm[gpu] or use the local "
+            "backend (select_backend picks it automatically)"
+        )
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def _te_norm() -> type:
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
+
+
+def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> ModuleSpec:
+    """The ``ModuleSpec`` of one GLM decoder layer (pre-norm attention + pre-norm SwiGLU MLP).
+
+    The architecture itself (RMSNorm, SwiGLU, QKV bias, GQA, RoPE) comes from the ``TransformerConfig``
+    (see :func:`megaglm.models.glm.builder.transformer_config`); the spec only picks module classes.
+
+    Args:
+        use_te: ``True`` -> megatron-core's TE spec; ``False`` -> local modules with our RMSNorm.
+        core_attention: replaces the core attention module class (e.g. a CPU core attention that
+            supports context parallelism); ``None`` keeps ``DotProductAttention`` (local) /
+            ``TEDotProductAttention`` (TE).
+
+    Raises:
+        ImportError: ``use_te=True`` but Transformer Engine is not installed.
+    """
+    if use_te:
+        spec = _te_layer_spec()
+        if core_attention is not None:
+            spec.submodules.self_attention.submodules.core_attention = core_attention
+        return spec
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention or DotProductAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(_LOCAL_TO_TE_KEYS),
+        ),
+    )
+
+
+def final_norm_module(use_te: bool) -> type:
+    """The block's final norm class: ``TENorm`` for TE, our :class:`RMSNorm` otherwise."""
+    return _te_norm() if use_te else RMSNorm
+
+
+def glm_block_spec(
+    config,
+    use_te: bool,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+    core_attention: Optional[type] = None,
+) -> TransformerBlockSubmodules:
+    """The decoder block of one pipeline stage (or one virtual stage): its layers and its final norm.
+
+    Args:
+        config: the ``TransformerConfig`` (its PP / VPP sizes decide how many layers this stage holds).
+        use_te: backend, as in :func:`glm_layer_spec`.
+        vp_stage: virtual pipeline stage of the chunk being built (``None`` without interleaving).
+        pp_rank: pipeline rank; ``None`` = this process's rank from ``megatron.core.parallel_state``.
+        core_attention: passed to :func:`glm_layer_spec`.
+
+    Returns:
+        ``TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=<final norm class>)``; the
+        final norm is only instantiated by the block on the stage that does post-processing.
+    """
+    layer = glm_layer_spec(use_te, core_attention=core_attention)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm_module(use_te))
