@@ -1,0 +1,429 @@
+"""Turn JSONL / plain-text files into a megatron-core indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+
+Inputs:
+
+* ``*.jsonl`` / ``*.json`` / ``*.ndjson``: one JSON object per line; the document is ``obj[json_key]``.
+* anything else named explicitly (``*.txt``, ``*.md`` ...): the whole file is one document.
+* a directory: every ``.jsonl/.json/.ndjson/.txt/.md/.rst`` file under it, recursively, sorted.
+
+Every document is tokenized as ordinary text (special-token text in the data stays text) and gets the
+end-of-document token (``tokenizer.eod``) appended; each document is one sequence of the indexed
+dataset. The token dtype is megatron's choice for the vocabulary size (``uint16`` below 65500, else
+``int32``).
+
+The files are written under temporary names and renamed into place only when everything succeeded, so
+an existing dataset at the prefix survives a failed run untouched.
+
+CLI::
+
+    megaglm-preprocess --input FILE_OR_DIR [--input ...] --output-prefix PREFIX \\
+        [--tokenizer-type cl100k_glm|glm4] [--tokenizer-model PATH] [--json-key text] \\
+        [--skip-bad-lines] [--workers N] [--quiet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "JSONL_SUFFIXES",
+    "TEXT_SUFFIXES",
+    "PreprocessError",
+    "PreprocessSummary",
+    "collect_input_files",
+    "preprocess",
+    "main",
+]
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+_BATCH_DOCS = 512
+_BATCH_CHARS = 8 << 20
+_EXAMPLES_PER_REASON = 3
+
+PathLike = Union[str, os.PathLike]
+
+
+class PreprocessError(ValueError):
+    """Bad input: a malformed line (message names ``file:line``), a file that is not UTF-8 (names the
+    file and byte offset), a missing input path, or no documents at all."""
+
+
+@dataclass
+class PreprocessSummary:
+    """The outcome of :func:`preprocess`.
+
+    Attributes:
+        output_prefix: the dataset prefix (``.bin`` / ``.idx`` appended).
+        files: input files read.
+        documents: documents written (= sequences in the dataset).
+        tokens: tokens written, including one eod per document.
+        input_bytes: bytes of input read.
+        dtype: numpy dtype name of the tokens (``"int32"`` / ``"uint16"``).
+        seconds: wall time.
+        skipped: ``{reason: count}`` of lines / files not turned into documents.
+        skipped_examples: ``{reason: ["file:line", ...]}`` (first few of each).
+    """
+
+    output_prefix: str
+    files: int = 0
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    dtype: str = ""
+    seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def format(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"wrote {self.output_prefix}.bin / .idx ({self.dtype})",
+            f"  files: {self.files}   documents: {self.documents:,}   tokens: {self.tokens:,} "
+            f"(incl. {self.documents:,} eod)   input: {self.input_bytes / 1e6:.2f} MB   "
+            f"time: {self.seconds:.1f} s",
+        ]
+        total = sum(self.skipped.values())
+        if total:
+            lines.append(f"  skipped: {total:,}")
+            for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
+                examples = ", ".join(self.skipped_examples.get(reason, []))
+                lines.append(f"    {count:,} x {reason}" + (f"  (e.g. {examples})" if examples else ""))
+        else:
+            lines.append("  skipped: 0")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.lower().endswith(JSONL_SUFFIXES)
+
+
+def collect_input_files(inputs: Sequence[PathLike]) -> list[Path]:
+    """Expand the inputs into the list of files to read, in order.
+
+    Files are taken as given; directories contribute their ``.jsonl/.json/.ndjson/.txt/.md/.rst``
+    files, recursively, sorted, hidden entries skipped.
+
+    Raises:
+        PreprocessError: no inputs, an input path that does not exist, or a directory with no
+            usable files.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise PreprocessError("no input given (--input FILE_OR_DIR)")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if not p.exists():
+            raise PreprocessError(f"input path {str(p)!r} does not exist")
+        if p.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found.extend(
+                    Path(dirpath) / n
+                    for n in sorted(filenames)
+                    if not n.startswith(".") and n.lower().endswith(JSONL_SUFFIXES + TEXT_SUFFIXES)
+                )
+            if not found:
+                raise PreprocessError(
+                    f"input directory {str(p)!r} holds no {'/'.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} files"
+                )
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise PreprocessError(f"input path {str(p)!r} is not a regular file or directory")
+    return files
+
+
+class _Skips:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < _EXAMPLES_PER_REASON:
+            ex.append(where)
+
+
+def _utf8_error(path: Path, err: UnicodeDecodeError, base_offset: int, lineno: Optional[int]) -> PreprocessError:
+    where = f" (line {lineno})" if lineno is not None else ""
+    return PreprocessError(
+        f"{path} is not valid UTF-8: byte offset {base_offset + err.start}{where}: {err.reason}. "
+        "Convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) and run again."
+    )
+
+
+def _iter_jsonl(
+    path: Path, json_key: str, skip_bad_lines: bool, skips: _Skips, progress: Any
+) -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _utf8_error(path, err, offset, lineno) from None
+            offset += len(raw)
+            if progress is not None:
+                progress.update(len(raw))
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                skips.add("blank line", where)
+                continue
+            problem = None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = ("malformed JSON", f"malformed JSON ({err.msg} at column {err.colno})")
+            else:
+                if not isinstance(obj, dict):
+                    problem = ("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
+                elif json_key not in obj:
+                    problem = (
+                        f"missing key {json_key!r}",
+                        f"key {json_key!r} is missing (keys: {sorted(obj)[:10]}); choose the key with --json-key",
+                    )
+                elif not isinstance(obj[json_key], str):
+                    problem = (
+                        f"{json_key!r} is not a string",
+                        f"{json_key!r} is {type(obj[json_key]).__name__}, not a string",
+                    )
+            if problem is not None:
+                if skip_bad_lines:
+                    skips.add(problem[0], where)
+                    continue
+                raise PreprocessError(
+                    f"{where}: {problem[1]}. Fix the line, or pass --skip-bad-lines to skip such lines."
+                )
+            text = obj[json_key]
+            if not text.strip():
+                skips.add("empty document", where)
+                continue
+            yield text
+
+
+def _read_text_file(path: Path, skips: _Skips, progress: Any) -> Iterator[str]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, err, 0, data.count(b"\n", 0, err.start) + 1) from None
+    if progress is not None:
+        progress.update(len(data))
+    if not text.strip():
+        skips.add("empty document", str(path))
+        return
+    yield text
+
+
+# --------------------------------------------------------------------------------------------------
+# the conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def _strip_suffix(prefix: str) -> str:
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            return prefix[: -len(suffix)]
+    return prefix
+
+
+def preprocess(
+    inputs: Union[PathLike, Sequence[PathLike]],
+    output_prefix: PathLike,
+    tokenizer: Any,
+    json_key: str = "text",
+    skip_bad_lines: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    log: Any = None,
+) -> PreprocessSummary:
+    """Tokenize the inputs into ``output_prefix.bin`` / ``output_prefix.idx``.
+
+    Args:
+        inputs: files / directories (see the module docstring for formats).
+        output_prefix: dataset prefix; a trailing ``.bin`` / ``.idx`` is dropped; parent directories
+            are created.
+        tokenizer: a :class:`~megaglm.data.tokenizer.GLMTokenizer` (needs ``encode_batch`` or
+            ``encode``, ``eod``, ``vocab_size``).
+        json_key: the JSONL field holding the text.
+        skip_bad_lines: count and skip malformed JSONL lines / lines without a string ``json_key``
+            instead of stopping.
+        workers: tokenizer threads.
+        progress: show a tqdm bar (on stderr).
+        log: where to print the summary (a callable taking a str); None = don't print.
+
+    Returns:
+        :class:`PreprocessSummary`. The dataset holds one sequence per document:
+        ``tokenizer.encode(text) + [tokenizer.eod]``, dtype ``uint16`` or ``int32``.
+
+    Raises:
+        PreprocessError: bad input (see the class); nothing is written then, and an existing dataset
+            at ``output_prefix`` is left as it was.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    t0 = time.monotonic()
+    files = collect_input_files(inputs)
+    prefix = _strip_suffix(os.fspath(output_prefix))
+    out_dir = Path(prefix).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    summary = PreprocessSummary(output_prefix=prefix, dtype=np.dtype(dtype).name)
+    skips = _Skips()
+    eod = int(tokenizer.eod)
+    workers = max(1, int(workers))
+
+    name = Path(prefix).name
+    tmp_bin = out_dir / f".{name}.tmp{os.getpid()}.bin"
+    tmp_idx = out_dir / f".{name}.tmp{os.getpid()}.idx"
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+    total_bytes = sum(f.stat().st_size for f in files)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing -> {name}", file=sys.stderr)
+
+    def encode(batch: list[str]) -> list[list[int]]:
+        if hasattr(tokenizer, "encode_batch"):
+            return tokenizer.encode_batch(batch, num_threads=workers)
+        return [tokenizer.encode(t) for t in batch]
+
+    def flush(batch: list[str]) -> None:
+        for ids in encode(batch):
+            ids.append(eod)
+            builder.add_document(ids, [len(ids)])
+            summary.documents += 1
+            summary.tokens += len(ids)
+        batch.clear()
+
+    try:
+        batch: list[str] = []
+        batch_chars = 0
+        for path in files:
+            docs = (
+                _iter_jsonl(path, json_key, skip_bad_lines, skips, bar)
+                if _is_jsonl(path)
+                else _read_text_file(path, skips, bar)
+            )
+            for text in docs:
+                batch.append(text)
+                batch_chars += len(text)
+                if len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS:
+                    flush(batch)
+                    batch_chars = 0
+            summary.files += 1
+            summary.input_bytes += path.stat().st_size
+        flush(batch)
+        if summary.documents == 0:
+            raise PreprocessError(
+                f"no documents found in {len(files)} input file(s) "
+                f"(skipped: {dict(skips.counts) or 'nothing'}); nothing written to {prefix}"
+            )
+        builder.finalize(str(tmp_idx))
+        os.replace(tmp_bin, prefix + ".bin")
+        os.replace(tmp_idx, prefix + ".idx")
+    finally:
+        if bar is not None:
+            bar.close()
+        if not builder.data_file.closed:
+            builder.data_file.close()
+        for tmp in (tmp_bin, tmp_idx):
+            if tmp.exists():
+                tmp.unlink()
+
+    summary.skipped = dict(skips.counts)
+    summary.skipped_examples = skips.examples
+    summary.seconds = time.monotonic() - t0
+    if log is not None:
+        log(summary.format())
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megaglm-preprocess",
+        description="Tokenize JSONL / text files into a megatron-core indexed dataset "
+        "(PREFIX.bin + PREFIX.idx), one document per JSONL line or text file, eod appended.",
+    )
+    p.add_argument("--input", action="append", required=True, metavar="FILE_OR_DIR",
+                   help="a .jsonl/.json/.ndjson file, a text file (one document), or a directory; repeatable")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                   help="writes PREFIX.bin and PREFIX.idx (use PREFIX in data.blend)")
+    p.add_argument("--tokenizer-type", default="cl100k_glm", choices=["cl100k_glm", "glm4"])
+    p.add_argument("--tokenizer-model", default=None, metavar="PATH",
+                   help="GLM-4 tokenizer.model (required for glm4)")
+    p.add_argument("--json-key", default="text", help="JSONL field with the text (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) malformed JSONL lines instead of stopping")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``megaglm-preprocess``. Returns the exit status: 0 on success, 1 on bad input
+    (a one-paragraph message on stderr, no traceback), 2 on bad arguments (argparse)."""
+    args = _parser().parse_args(argv)
+    from megaglm.data.tokenizer import GLMTokenizer, TokenizerError
+
+    try:
+        if args.workers < 1:
+            raise PreprocessError(f"--workers must be >= 1, got {args.workers}")
+        if args.tokenizer_type == "glm4" and not args.tokenizer_model:
+            raise PreprocessError("--tokenizer-type glm4 needs --tokenizer-model /path/to/tokenizer.model")
+        if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
+            raise PreprocessError(f"--tokenizer-model {args.tokenizer_model!r}: no such file")
+        tokenizer = GLMTokenizer(args.tokenizer_type, args.tokenizer_model)
+        summary = preprocess(
+            args.input,
+            args.output_prefix,
+            tokenizer,
+            json_key=args.json_key,
+            skip_bad_lines=args.skip_bad_lines,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except (PreprocessError, TokenizerError, FileNotFoundError) as err:
+        print(f"megaglm-preprocess: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"megaglm-preprocess: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("megaglm-preprocess: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"megaglm-preprocess: {summary.format()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
