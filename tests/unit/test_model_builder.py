@@ -63,6 +63,8 @@ def test_transformer_config_cpu_safe():
               "gradient_accumulation_fusion", "apply_rope_fusion", "cross_entropy_loss_fusion"):
         assert getattr(c, f) is False, f
     assert c.use_cpu_initialization is True
+    # megatron's schedules then backprop via the autograd engine directly, inside the CPU layer's mode
+    assert c.deallocate_pipeline_outputs is True
 
 
 def test_transformer_config_parallel_and_precision():

@@ -197,7 +197,11 @@ def transformer_config(
 
     On CPU every fused kernel is off and parameters are created with CPU initialization; on CUDA the
     JIT fusions are on, RoPE fusion only with TE >= 2.3 (interleaved RoPE), gradient-accumulation fusion
-    only when Apex's ``fused_weight_gradient_mlp_cuda`` is importable.
+    only when Apex's ``fused_weight_gradient_mlp_cuda`` is importable. ``deallocate_pipeline_outputs`` is
+    on everywhere (as in Megatron-LM); on CPU it matters for correctness too: megatron's schedules then
+    call the autograd engine directly instead of ``torch.autograd.backward``, which would run the
+    backward pass outside the CPU layer's ``TorchFunctionMode`` (sequence-parallel backward then fails
+    with "Cannot access accelerator device").
 
     Args:
         device_type: ``"cpu"`` or ``"cuda"``; also picks ``transformer_impl`` via
@@ -267,7 +271,9 @@ def transformer_config(
         # implementation
         transformer_impl="transformer_engine" if backend == "te" else "local",
         use_cpu_initialization=on_cpu,
-        deallocate_pipeline_outputs=not on_cpu,
+        # As Megatron-LM does. It also makes megatron's schedules run backward through the autograd engine
+        # directly (custom_backward), not through torch.autograd.backward.
+        deallocate_pipeline_outputs=True,
         **fusions,
     )
     kwargs.update(_fp8_fields(precision_cfg, device_type))
