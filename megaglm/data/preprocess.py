@@ -393,6 +393,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``megaglm-preprocess``. Returns the exit status: 0 on success, 1 on bad input
     (a one-paragraph message on stderr, no traceback), 2 on bad arguments (argparse)."""
     args = _parser().parse_args(argv)
+    import warnings
+
+    # megatron-core announces its CPU fallbacks on import; irrelevant to preprocessing
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megaglm.data.tokenizer import GLMTokenizer, TokenizerError
 
     try:
