@@ -106,11 +106,13 @@ def effective_sequence_parallel(parallel_cfg: ParallelConfig) -> bool:
     return bool(parallel_cfg.sequence_parallel)
 
 
-def _grad_accum_fusion_kernel_available() -> bool:
-    try:
-        importlib.import_module("fused_weight_gradient_mlp_cuda")
-    except Exception:
-        return False
+def _importable(*modules: str) -> bool:
+    """True when every named (CUDA extension) module imports."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            return False
     return True
 
 
@@ -196,12 +198,15 @@ def transformer_config(
     Recompute fields from ``train_cfg``.
 
     On CPU every fused kernel is off and parameters are created with CPU initialization; on CUDA the
-    JIT fusions are on, RoPE fusion only with TE >= 2.3 (interleaved RoPE), gradient-accumulation fusion
-    only when Apex's ``fused_weight_gradient_mlp_cuda`` is importable. ``deallocate_pipeline_outputs`` is
-    on everywhere (as in Megatron-LM); on CPU it matters for correctness too: megatron's schedules then
-    call the autograd engine directly instead of ``torch.autograd.backward``, which would run the
-    backward pass outside the CPU layer's ``TorchFunctionMode`` (sequence-parallel backward then fails
-    with "Cannot access accelerator device").
+    JIT fusions (bias+SwiGLU, bias+dropout+add, cross entropy) are on, RoPE fusion only with TE >= 2.3
+    (interleaved RoPE), masked-softmax and gradient-accumulation fusion only when their CUDA extensions
+    (``scaled_masked_softmax_cuda``, Apex's ``fused_weight_gradient_mlp_cuda``) import.
+
+    ``deallocate_pipeline_outputs`` is on everywhere (as in Megatron-LM). On CPU it matters for
+    correctness too: megatron's schedules then call the autograd engine directly instead of
+    ``torch.autograd.backward``, which would run the backward pass outside the CPU layer's
+    ``TorchFunctionMode`` (sequence-parallel backward then fails with "Cannot access accelerator
+    device").
 
     Args:
         device_type: ``"cpu"`` or ``"cuda"``; also picks ``transformer_impl`` via
@@ -228,9 +233,11 @@ def transformer_config(
     fusions = dict(
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        # megatron's fused softmax kernels are separate CUDA extensions (Megatron-LM / Apex builds)
+        masked_softmax_fusion=(not on_cpu)
+        and _importable("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"),
         persist_layer_norm=False,  # only for Apex LayerNorm; GLM uses RMSNorm
-        gradient_accumulation_fusion=(not on_cpu) and _grad_accum_fusion_kernel_available(),
+        gradient_accumulation_fusion=(not on_cpu) and _importable("fused_weight_gradient_mlp_cuda"),
         apply_rope_fusion=(not on_cpu) and backend == "te" and _te_at_least("2.3.0"),
         cross_entropy_loss_fusion=not on_cpu,
     )
