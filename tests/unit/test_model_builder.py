@@ -195,6 +195,17 @@ def test_build_tiny_model(megatron_rank):
     assert model.decoder.final_layernorm.weight.grad is not None
 
 
+def test_build_bf16_model(megatron_rank):
+    model = builder.build_model(load_model_preset("tiny"), ParallelConfig(),
+                                PrecisionConfig(name="bf16", params_dtype="bf16"), vocab_size=512)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(0, 512, (2, 16))
+    pos = torch.arange(16).expand(2, 16)
+    assert model(tokens, pos, None).dtype == torch.bfloat16
+    loss = model(tokens, pos, None, labels=tokens)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+
+
 def test_build_linear_rope_scaling(megatron_rank):
     m = load_model_preset("tiny")
     m.rope_scaling, m.rope_scaling_factor = "linear", 4.0
