@@ -47,11 +47,48 @@ def _is_cuda_like(device: Any) -> bool:
     return False
 
 
+def _backward_under_mode(mode: "_CpuDeviceMode", func, args, kwargs):
+    """Run ``Tensor.backward`` / ``torch.autograd.backward`` with the mode active in backward.
+
+    A TorchFunctionMode is popped while its own handler runs, so a plain ``func(*args)`` would run
+    every backward function (megatron's custom autograd Functions allocate with
+    ``device=torch.cuda.current_device()``) outside the CPU routing. Re-entering the mode and calling
+    ``func`` again would recurse into this handler; instead the autograd engine is driven directly,
+    after the same argument preparation ``torch.autograd.backward`` does.
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    if func is torch.Tensor.backward:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs")
+        bound = dict(zip(names, args))
+        bound.update({("grad_tensors" if k == "gradient" else k): v for k, v in kwargs.items()})
+    else:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+    tensors = bound["tensors"]
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = bound.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    create_graph = bool(bound.get("create_graph") or False)
+    retain_graph = bound.get("retain_graph")
+    if retain_graph is None:
+        retain_graph = create_graph
+    grads = _tensor_or_tensors_to_tuple(bound.get("grad_tensors"), len(tensors))
+    grads = _make_grads(tensors, grads, is_grads_batched=False)
+    with mode:
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                             allow_unreachable=True, accumulate_grad=True)
+
+
 class _CpuDeviceMode(TorchFunctionMode):
     """Rewrites CUDA / int ``device`` arguments to CPU and drops ``pin_memory`` on every torch call."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return _backward_under_mode(self, func, args, kwargs)
         if kwargs:
             dev = kwargs.get("device")
             if dev is not None and _is_cuda_like(dev):

@@ -81,3 +81,30 @@ def test_resolve_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device=cuda"):
             resolve_device("cuda")
+
+
+def test_backward_functions_run_inside_the_layer(layer_off):
+    """megatron's autograd Functions allocate on torch.cuda.current_device() in backward; a plain
+    ``loss.backward()`` must keep the CPU routing active there too."""
+    setup_platform("cpu")
+
+    class AllocInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            buf = torch.empty(g.shape, device=torch.cuda.current_device())
+            buf.copy_(g)
+            return buf * 2
+
+    x = torch.ones(3, requires_grad=True)
+    AllocInBackward.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+    y = torch.ones(2, requires_grad=True)
+    torch.autograd.backward([AllocInBackward.apply(y).sum()], retain_graph=False)
+    assert torch.equal(y.grad, torch.full((2,), 2.0))
+    z = torch.ones(2, requires_grad=True)
+    (AllocInBackward.apply(z) * 3).backward(gradient=torch.ones(2))
+    assert torch.equal(z.grad, torch.full((2,), 6.0))
