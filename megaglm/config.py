@@ -98,7 +98,7 @@ class TrainConfig:
 
     train_iters: int = 300
     micro_batch_size: int = 4
-    global_batch_size: int = 16
+    global_batch_size: int = 8
     seq_length: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4

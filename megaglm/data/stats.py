@@ -12,7 +12,7 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["token_counts", "unigram_entropy"]
+__all__ = ["token_counts", "unigram_entropy", "blend_unigram_entropy"]
 
 _CHUNK = 1 << 24  # tokens per bincount pass
 
@@ -80,3 +80,28 @@ def unigram_entropy(prefix: Union[str, os.PathLike]) -> float:
     p = nz / total
     h = float(-(p * np.log(p)).sum())
     return max(h, 0.0) if math.isfinite(h) else h
+
+
+def blend_unigram_entropy(prefixes, weights=None) -> float:
+    """Unigram entropy (nats) of a weighted mixture of indexed datasets.
+
+    Each dataset's token distribution is normalized, mixed with ``weights`` (normalized; equal when
+    None), and the entropy of the mixture is returned: the loss floor of a context-free model on the
+    blend the trainer samples from.
+    """
+    weights = [1.0] * len(prefixes) if weights is None else [float(w) for w in weights]
+    total_w = sum(weights)
+    mix = np.zeros(0, dtype=np.float64)
+    for prefix, w in zip(prefixes, weights):
+        c = token_counts(prefix).astype(np.float64)
+        if c.sum() == 0:
+            continue
+        p = c / c.sum() * (w / total_w)
+        if p.size > mix.size:
+            p[: mix.size] += mix
+            mix = p
+        else:
+            mix[: p.size] += p
+    mix = mix[mix > 0]
+    mix = mix / mix.sum()
+    return float(-(mix * np.log(mix)).sum())

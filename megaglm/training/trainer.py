@@ -80,6 +80,18 @@ def _model_config_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
+def _data_unigram_entropy(cfg: DictConfig, tokenizer) -> float:
+    """Unigram entropy (nats) of the training blend, the yardstick for the validation loss."""
+    from megaglm.data.demo import ensure_demo_dataset
+    from megaglm.data.pretrain import parse_blend
+    from megaglm.data.stats import blend_unigram_entropy
+
+    if len(cfg.data.blend) == 0:
+        return blend_unigram_entropy([ensure_demo_dataset(cfg.data.cache_dir, tokenizer, use_barrier=False)])
+    prefixes, weights = parse_blend(list(cfg.data.blend))
+    return blend_unigram_entropy(prefixes, weights)
+
+
 def _evaluate(fwd_bwd, model, valid_iters, cfg, nmb) -> Optional[float]:
     """Mean validation loss per token over ``train.eval_iters`` global batches (no grad)."""
     for chunk in model:
@@ -226,8 +238,11 @@ def pretrain(cfg: DictConfig) -> TrainResult:
         return its[0] if n_chunks == 1 else its
 
     result = TrainResult(iteration=iteration)
-    if rank == 0 and getattr(train_ds, "unigram_entropy", None) is not None:
-        result.unigram_entropy = train_ds.unigram_entropy
+    if rank == 0:
+        result.unigram_entropy = _data_unigram_entropy(cfg, tokenizer)
+        logger.text(f"data unigram entropy {result.unigram_entropy:.4f} nats/token "
+                    "(the loss of the best context-free model)")
+        logger.scalars(iteration, {"unigram_entropy": result.unigram_entropy}, prefix="data/")
     fwd_bwd = get_forward_backward_func()
     run_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     stop_at = cfg.train.exit_after_iters or cfg.train.train_iters
