@@ -167,6 +167,7 @@ def pretrain(cfg: DictConfig) -> TrainResult:
 
     from megaglm.data.pretrain import build_pretrain_datasets
 
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its dataset INFO lines are noise here
     ctx = setup_run(cfg)
     platform, rank, world, layout = ctx.platform, ctx.rank, ctx.world, ctx.layout
     tokenizer, vocab, chunks = ctx.tokenizer, ctx.vocab_size, ctx.chunks

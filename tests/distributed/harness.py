@@ -44,6 +44,7 @@ def common_overrides(dataset_prefix: str, out: Path, **extra) -> list[str]:
         "data": "indexed",
         "data.blend": f"[{dataset_prefix}]",
         "data.cache_dir": str(out / "cache"),
+        "data.split": "'90,5,5'",
         "train.seq_length": 64,
         "train.micro_batch_size": 2,
         "train.global_batch_size": 8,
@@ -57,3 +58,21 @@ def common_overrides(dataset_prefix: str, out: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def plain_tensors(ckpt_dir) -> dict:
+    """All tensors of a dist_checkpointing checkpoint, unsharded (``load_plain_tensors``), read in
+    this process through a temporary 1-rank gloo group."""
+    import torch
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    own_group = not torch.distributed.is_initialized()
+    if own_group:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}",
+                                             rank=0, world_size=1)
+    try:
+        state = load_plain_tensors(str(ckpt_dir))
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}

@@ -4,7 +4,7 @@ the same losses and the same updated weights at every TP / PP / DP / micro-batch
 import pytest
 import torch
 
-from tests.distributed.harness import common_overrides, launch, train_losses
+from tests.distributed.harness import common_overrides, launch, plain_tensors, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -20,12 +20,10 @@ LAYOUTS = {
 
 
 def _final_weights(ckpt_dir):
-    from megatron.core.dist_checkpointing import load_plain_tensors
-
     from megaglm.training.checkpointing import checkpoint_path, latest_iteration
 
-    state = load_plain_tensors(str(checkpoint_path(ckpt_dir, latest_iteration(ckpt_dir))))
-    return {k: v for k, v in state.items() if not k.startswith("optimizer") and torch.is_tensor(v)}
+    state = plain_tensors(checkpoint_path(ckpt_dir, latest_iteration(ckpt_dir)))
+    return {k: v for k, v in state.items() if not k.startswith("optimizer")}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +38,12 @@ def init_and_reference(text_dataset, tmp_path_factory):
     init_weights = _final_weights(init / "checkpoints")
     changed = [k for k in ref_weights if not torch.equal(ref_weights[k], init_weights[k])]
     assert len(changed) > len(ref_weights) // 2  # the two steps really updated the weights
-    return init / "checkpoints", train_losses(ref / "metrics.jsonl"), ref_weights
+    return init / "checkpoints", train_losses(ref / "metrics.jsonl"), ref_weights, init_weights
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_reference(name, text_dataset, init_and_reference, tmp_path):
-    init_ckpt, ref_losses, ref_weights = init_and_reference
+    init_ckpt, ref_losses, ref_weights, init_weights = init_and_reference
     ranks, extra = LAYOUTS[name]
     launch(ranks, common_overrides(text_dataset, tmp_path, **{
         **extra, "checkpoint.load_dir": init_ckpt, "checkpoint.load_optimizer": "false"}))
@@ -55,10 +53,14 @@ def test_layout_matches_reference(name, text_dataset, init_and_reference, tmp_pa
         assert losses[it] == pytest.approx(ref_losses[it], rel=1e-5), (name, it)
     weights = _final_weights(tmp_path / "checkpoints")
     assert set(weights) == set(ref_weights)
-    moved = 0
     for key, ref in ref_weights.items():
         got = weights[key]
         assert got.shape == ref.shape, key
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name} {key}: {m}")
-        moved += 1
-    assert moved > 10
+        # Adam divides by sqrt(v): where a gradient is ~0, reduction-order rounding (another split sums
+        # in another order) can move that element's update by a fraction of lr. So the update as a whole
+        # must agree to 1e-3 of its norm, and no element may be off by 5% of one step (lr = 1e-3); a
+        # shard left un-updated or updated twice is off by a whole step.
+        update = (ref - init_weights[key]).norm()
+        assert (got - ref).norm() <= 1e-3 * update + 1e-12, (name, key)
+        assert (got - ref).abs().max() <= 5e-5, (name, key, (got - ref).abs().max())
+    assert len(ref_weights) >= 8
