@@ -288,8 +288,19 @@ def preprocess(
     t0 = time.monotonic()
     files = collect_input_files(inputs)
     prefix = _strip_suffix(os.fspath(output_prefix))
+    if not Path(prefix).name or prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():
+        example = os.path.join(prefix or ".", "my_text_document")
+        raise PreprocessError(
+            f"--output-prefix {os.fspath(output_prefix)!r} names a directory, not a dataset prefix; "
+            f"give a file-name prefix, e.g. {example} (writes {example}.bin and {example}.idx)"
+        )
     out_dir = Path(prefix).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PreprocessError(
+            f"--output-prefix {prefix!r}: cannot create the directory {str(out_dir)!r} ({err.strerror})"
+        ) from None
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     summary = PreprocessSummary(output_prefix=prefix, dtype=np.dtype(dtype).name)
     skips = _Skips()

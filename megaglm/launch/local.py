@@ -14,7 +14,7 @@ import sys
 
 from megaglm.parallel.init import find_free_port
 
-__all__ = ["torchrun_args", "main"]
+__all__ = ["torchrun_args", "failure_summary", "main"]
 
 
 def torchrun_args(nproc_per_node: int, overrides: list[str], nnodes: int = 1, node_rank: int = 0,
@@ -49,9 +49,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.nproc_per_node < 1:
         p.error("--nproc-per-node must be >= 1")
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    torchrun.main(torchrun_args(args.nproc_per_node, overrides, args.nnodes, args.node_rank,
-                                args.master_addr, args.master_port, args.module))
+    try:
+        torchrun.main(torchrun_args(args.nproc_per_node, overrides, args.nnodes, args.node_rank,
+                                    args.master_addr, args.master_port, args.module))
+    except ChildFailedError as err:
+        # torchrun's own report is a traceback of the launcher plus a table per rank; the rank's message
+        # (megaglm-train: error: ...) is already above. Say which rank failed, in one line.
+        sys.exit(failure_summary(err))
+
+
+def failure_summary(err) -> int:
+    """Print one line about a failed job (a torchrun ``ChildFailedError``); return the exit status."""
+    rank, failure = err.get_first_failure()
+    code = failure.exitcode
+    if code == 2:
+        why = "exited with status 2: a configuration or input error, see its message above"
+    elif code < 0:
+        why = f"was killed by signal {-code}" + (" (out of memory?)" if -code == 9 else "")
+    else:
+        why = f"exited with status {code}; its traceback is above"
+    others = len(err.failures) - 1
+    print(f"megaglm-launch: rank {rank} {why}" + (f"; {others} other rank(s) were stopped" if others else ""),
+          file=sys.stderr, flush=True)
+    return code if code > 0 else 1
 
 
 if __name__ == "__main__":

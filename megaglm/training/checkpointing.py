@@ -82,13 +82,26 @@ def latest_iteration(load_dir: str | os.PathLike | None) -> Optional[int]:
     tracker = Path(load_dir) / TRACKER_FILE
     if not tracker.exists():
         return None
-    text = tracker.read_text().strip()
+    text = tracker.read_text(errors="replace").strip()
+
+    def what_to_do() -> str:
+        complete = sorted(p.name for p in Path(load_dir).glob("iter_???????") if p.is_dir())
+        hint = (f" Complete checkpoints there: {', '.join(complete[-5:])}; write the iteration number of "
+                f"one of them into {TRACKER_FILE}," if complete
+                else f" No complete checkpoint is there; delete {TRACKER_FILE},")
+        return hint + " or point checkpoint.load_dir (default: checkpoint.save_dir) at another directory."
+
     try:
         it = int(text)
     except ValueError:
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from None
-    if not checkpoint_path(load_dir, it).is_dir():
-        raise ValueError(f"{tracker} points to iteration {it} but {checkpoint_path(load_dir, it)} is missing")
+        raise ValueError(f"{tracker}: expected an iteration number, found {text[:80]!r}.{what_to_do()}") from None
+    path = checkpoint_path(load_dir, it)
+    if not path.is_dir():
+        old = path.with_name(path.name + ".old")
+        if old.is_dir():  # killed while replacing a re-saved iteration (see save_checkpoint)
+            raise ValueError(f"{tracker} points to iteration {it} but {path} is missing; its previous copy "
+                             f"{old.name} is there: rename it to {path.name} to resume from it.")
+        raise ValueError(f"{tracker} points to iteration {it} but {path} is missing.{what_to_do()}")
     return it
 
 

@@ -39,7 +39,8 @@ def compose_cfg(overrides=()):
 
 def preflight_error(tmp_path, overrides=(), world=1, monkeypatch=None) -> str:
     cfg = compose_cfg([f"run.output_dir={tmp_path / 'run'}", *FAST, *overrides])
-    if monkeypatch is not None:
+    if monkeypatch is not None:  # as torchrun sets them for rank 0 of a ``world``-rank job
+        monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises((cli.UserError, ValueError)) as exc:
         cli.preflight(cfg)
@@ -218,7 +219,8 @@ def test_preflight_checks_layout_against_launcher_world(tmp_path, monkeypatch, w
 
 
 def test_default_config_passes_preflight(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # without RANK (no launcher) the run is one rank
     cli.preflight(compose_cfg([f"run.output_dir={tmp_path}", *FAST]))
 
 
