@@ -40,8 +40,10 @@ class TrainResult:
 def forward_step(data_iterator, model):
     """megatron-core ``forward_step_func``: one micro-batch through one model chunk.
 
-    The batch holds ``tokens``, ``labels``, ``position_ids`` (int64 ``[b, s]``) and ``loss_mask``
-    (float ``[b, s]``). On the last pipeline stage the model returns per-token cross-entropy ``[b, s]``.
+    The batch holds ``tokens``, ``labels``, ``position_ids`` (int64 ``[b, s]``), ``loss_mask``
+    (float ``[b, s]``) and optionally ``loss_count`` (this micro-batch's share of the global loss
+    divisor; default: the number of loss tokens). On the last pipeline stage the model returns
+    per-token cross-entropy ``[b, s]``.
     """
     batch = next(data_iterator)
     device = next(model.parameters()).device
@@ -50,7 +52,7 @@ def forward_step(data_iterator, model):
     position_ids = batch["position_ids"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(masked_token_loss, loss_mask)
+    return output, partial(masked_token_loss, loss_mask, loss_count=batch.get("loss_count"))
 
 
 def _reduce_report(losses_reduced: list[dict[str, torch.Tensor]]) -> Optional[float]:
