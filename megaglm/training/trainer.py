@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megaglm.training.batches import MicroBatchIterator, num_microbatches
 from megaglm.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
+from megaglm.training.flops import step_throughput
 from megaglm.training.loss import masked_token_loss
 from megaglm.training.metrics import MetricsLogger
 from megaglm.training.optim import build_optimizer, build_scheduler
@@ -285,6 +286,8 @@ def pretrain(cfg: DictConfig) -> TrainResult:
         result.train_losses[iteration] = loss
         values = {"lm_loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                   "tokens_per_sec": tokens_per_step / step_time,
+                  # tokens/s/device, model TFLOP/s/device, MFU (when the device's peak is known)
+                  **step_throughput(cfg, vocab, world, tokens_per_step, step_time, platform.device_type),
                   "consumed_samples": train_it.consumed_samples,
                   "consumed_tokens": train_it.consumed_samples * cfg.train.seq_length,
                   "progress": iteration / cfg.train.train_iters}
