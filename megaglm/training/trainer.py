@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -156,8 +156,11 @@ def setup_run(cfg: DictConfig) -> RunContext:
     return RunContext(platform, rank, world, layout, tokenizer, vocab, chunks)
 
 
-def pretrain(cfg: DictConfig) -> TrainResult:
+def pretrain(cfg: DictConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Train one rank of the run described by ``cfg`` (a composed :class:`megaglm.config.RunConfig`).
+
+    ``on_step(iteration)``, when given, is called after every finished iteration (after its checkpoint
+    save, if any); the Ray launcher uses it as the rank's heartbeat.
 
     Raises:
         ValueError: a bad layout, batch split, data path or config value (message names the key).
@@ -306,6 +309,8 @@ def pretrain(cfg: DictConfig) -> TrainResult:
             do_save(iteration)
             last_saved = iteration
         result.tokens_per_sec = values["tokens_per_sec"]
+        if on_step is not None:
+            on_step(iteration)
     if cfg.checkpoint.save_final and last_saved != iteration and (iteration > 0 or cfg.train.train_iters == 0):
         do_save(iteration)
     result.iteration = iteration
