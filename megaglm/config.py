@@ -42,6 +42,13 @@ class ModelConfig:
     # Context-extension scaling on top of the base (issue: long context): none | linear | ntk | yarn
     rope_scaling: str = "none"
     rope_scaling_factor: float = 1.0
+    # yarn: the context the model had before the extension (YaRN's L), and its ramp (Peng et al. 2023)
+    rope_original_seq_length: Optional[int] = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    # Core attention: auto (TE's on CUDA + TE, else megaglm's SDPA attention) | sdpa | te | local
+    # (megatron-core's DotProductAttention: no context parallelism, no packed sequences).
+    attention_backend: str = "auto"
     layernorm_epsilon: float = 1e-5
     add_qkv_bias: bool = True
     add_bias_linear: bool = False
@@ -59,6 +66,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
+    # How Transformer Engine's attention exchanges K/V over the CP group: p2p (ring) | all_gather | a2a
+    # (heads split over CP ranks) | a2a+p2p (needs hierarchical_context_parallel_sizes). megaglm's SDPA
+    # attention (CPU / no TE) always all-gathers K/V.
+    cp_comm_type: str = "p2p"
+    hierarchical_context_parallel_sizes: Optional[list[int]] = None  # a2a+p2p: [a2a size, p2p size]
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
@@ -155,6 +167,41 @@ class LoggingConfig:
 
 
 @dataclass
+class StageEvalConfig:
+    """Long-context evaluation after a stage (:mod:`megaglm.eval.long_context`): perplexity by position
+    bucket on held-out long documents, and passkey retrieval; written to TensorBoard and a table."""
+
+    enabled: bool = True
+    lengths: list[int] = field(default_factory=list)  # evaluation lengths; [] = [train.seq_length]
+    buckets: list[int] = field(default_factory=list)  # position-bucket edges; [] = 0, 64, 256, 1024, ...
+    num_documents: int = 4  # held-out documents (at least the length) per evaluation length
+    passkey_lengths: list[int] = field(default_factory=list)  # [] = lengths
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    passkey_trials: int = 2  # random passkeys per (length, depth)
+    passkey_digits: int = 5
+    seed: int = 1234
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged context-extension schedule (``conf/stage/``; :mod:`megaglm.training.stages`).
+
+    A stage file sets the stage's ``seq_length``, RoPE base / scaling, CP size, batch, recompute, data and
+    LR schedule, and names the stage it continues from (``previous``). ``megaglm-train stage=NAME`` runs
+    the chain ending at NAME, each stage in ``<run.output_dir>/<stage>/``.
+    """
+
+    name: Optional[str] = None  # None: not a staged run
+    previous: Optional[str] = None  # the stage whose final weights this one starts from
+    chain: bool = True  # run / finish earlier stages first; false: run NAME only, refuse if previous unfinished
+    init_from: Optional[str] = None  # checkpoint dir the chain's first stage starts from (e.g. converted HF)
+    load_optimizer: bool = False  # carry optimizer + LR schedule + iteration from the previous stage
+    description: str = ""
+    eval: StageEvalConfig = field(default_factory=StageEvalConfig)
+    parent_checkpoint: Optional[str] = None  # set by the runner: previous stage's final checkpoint
+
+
+@dataclass
 class RunSection:
     output_dir: str = "runs/demo"
     device: str = "auto"  # auto | cpu | cuda
@@ -171,6 +218,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
 
 
 def register_configs() -> None:
@@ -184,3 +232,4 @@ def register_configs() -> None:
     cs.store(group="precision", name="base_precision", node=PrecisionConfig)
     cs.store(group="checkpoint", name="base_checkpoint", node=CheckpointConfig)
     cs.store(group="logging", name="base_logging", node=LoggingConfig)
+    cs.store(group="stage", name="base_stage", node=StageConfig)

@@ -42,7 +42,7 @@ from megaglm.config import RunConfig, register_configs
 _CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 _PROG = "megaglm-train"
 # Config groups selectable with ``group=option`` (a YAML file conf/<group>/<option>.yaml).
-_GROUPS = ("model", "parallel", "data", "train", "precision", "checkpoint", "logging")
+_GROUPS = ("model", "parallel", "data", "train", "precision", "checkpoint", "logging", "stage")
 # How long a rank other than 0 waits before printing an error that rank 0 most likely reports too.
 NONZERO_RANK_GRACE_S = 3.0
 # lr decay styles megatron-core's OptimizerParamScheduler supports without extra settings.
@@ -341,6 +341,15 @@ def _check_layout(cfg: DictConfig) -> None:
         layout_log.disabled = disabled
 
 
+def _check_long_context(cfg: DictConfig) -> None:
+    """Attention backend vs context parallelism, RoPE scaling settings, stage evaluation lengths
+    (:func:`megaglm.parallel.context.check_long_context_config`)."""
+    from megaglm.parallel.context import check_long_context_config
+    from megaglm.platform.device import resolve_device
+
+    check_long_context_config(cfg, resolve_device(cfg.run.device))
+
+
 def _check_data(cfg: DictConfig) -> None:
     from megaglm.data.pretrain import parse_blend
 
@@ -434,6 +443,7 @@ def preflight(cfg: DictConfig) -> None:
         raise UserError(_unknown_key_message(extra[0]))
     _check_ranges(cfg)
     _check_layout(cfg)
+    _check_long_context(cfg)
     _check_data(cfg)
     _check_checkpoint(cfg)
 

@@ -62,6 +62,8 @@ def init_model_parallel(parallel_cfg, seed: int) -> None:
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
+        # cp_comm_type a2a+p2p (Transformer Engine) needs the hierarchical CP groups
+        hierarchical_context_parallel_sizes=getattr(parallel_cfg, "hierarchical_context_parallel_sizes", None),
     )
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)

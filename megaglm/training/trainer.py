@@ -42,28 +42,31 @@ def forward_step(data_iterator, model):
     """megatron-core ``forward_step_func``: one micro-batch through one model chunk.
 
     The batch holds ``tokens``, ``labels``, ``position_ids`` (int64 ``[b, s]``), ``loss_mask``
-    (float ``[b, s]``) and optionally ``loss_count`` (this micro-batch's share of the global loss
-    divisor; default: the number of loss tokens). On the last pipeline stage the model returns
-    per-token cross-entropy ``[b, s]``.
+    (float ``[b, s]``), optionally ``loss_count`` (this micro-batch's share of the global loss divisor;
+    default: the number of loss tokens) and, for packed rows, ``cu_seqlens`` (int32 document boundaries
+    over the flattened ``b x s`` tokens; the contract is in :mod:`megaglm.parallel.context`). The batch
+    is cut to this context-parallel rank's zigzag chunks (per document when packed), packed rows run in
+    megatron's ``thd`` format with ``PackedSeqParams``, and ``loss_count`` is kept on CP rank 0 only
+    (:func:`megaglm.parallel.context.prepare_micro_batch`). On the last pipeline stage the model returns
+    per-token cross-entropy ``[b_local, s_local]``.
     """
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device)
-    labels = batch["labels"].to(device)
-    position_ids = batch["position_ids"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
-    output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(masked_token_loss, loss_mask, loss_count=batch.get("loss_count"))
+    from megaglm.parallel.context import prepare_micro_batch
+
+    mb = prepare_micro_batch(next(data_iterator), model)
+    output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
+                   packed_seq_params=mb["packed_seq_params"])
+    return output, partial(masked_token_loss, mb["loss_mask"], loss_count=mb["loss_count"])
 
 
 def _reduce_report(losses_reduced: list[dict[str, torch.Tensor]]) -> Optional[float]:
     """Global mean loss per token of one step: sum of loss sums / sum of token counts over
-    micro-batches and data-parallel ranks. Returned on every rank (None if no tokens)."""
+    micro-batches, data- and context-parallel ranks (each CP rank holds part of every sequence's
+    tokens and of its count). Returned on every rank (None if no tokens)."""
     from megatron.core import parallel_state as ps
 
     pair = torch.zeros(2, dtype=torch.float64)
     if losses_reduced and ps.is_pipeline_last_stage(ignore_virtual=True) \
-            and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+            and ps.get_tensor_model_parallel_rank() == 0:
         for item in losses_reduced:
             pair += item["lm loss"].double().cpu()
     if torch.distributed.is_initialized():
@@ -143,11 +146,9 @@ def setup_run(cfg: DictConfig) -> RunContext:
     platform = setup_platform(cfg.run.device)
     rank, world = init_distributed(platform, cfg.run.distributed_timeout_minutes)
     layout = validate_layout(cfg.model, cfg.parallel, world, cfg.train)
-    if cfg.parallel.context_parallel_size > 1:
-        raise ValueError(
-            "parallel.context_parallel_size > 1: the pretraining loop does not split batches over "
-            "context-parallel ranks yet (long-context work); use context_parallel_size=1."
-        )
+    from megaglm.parallel.context import check_long_context_config
+
+    check_long_context_config(cfg, platform.device_type)  # attention backend vs CP, RoPE, eval lengths
     init_model_parallel(cfg.parallel, cfg.train.seed)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tp)

@@ -156,14 +156,11 @@ def test_padded_vocab_size():
 
 
 def test_rope_scaling_args():
+    # the scalings themselves are tested in tests/unit/test_rope_scaling.py
     m = load_model_preset("tiny")
-    assert builder._rope_args(m) == {"seq_len_interpolation_factor": None}
+    assert builder._rope_args(m) == {"rotary_base": 10000.0, "seq_len_interpolation_factor": None}
     m.rope_scaling, m.rope_scaling_factor = "linear", 4.0
-    assert builder._rope_args(m) == {"seq_len_interpolation_factor": 4.0}
-    for kind in ("ntk", "yarn"):
-        m.rope_scaling = kind
-        with pytest.raises(NotImplementedError, match="long-context RoPE scaling"):
-            builder._rope_args(m)
+    assert builder._rope_args(m) == {"rotary_base": 10000.0, "seq_len_interpolation_factor": 4.0}
 
 
 # ---------------------------------------------------------------------------------- model building

@@ -11,6 +11,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megaglm.models.glm import spec
+from megaglm.models.glm.attention import GLMCoreAttention
 from megaglm.models.glm.norm import RMSNorm
 
 
@@ -46,7 +47,8 @@ def test_local_layer_spec_uses_local_modules_and_our_norm():
     assert sub.input_layernorm is RMSNorm and sub.pre_mlp_layernorm is RMSNorm
     attn = sub.self_attention.submodules
     assert attn.linear_qkv is ColumnParallelLinear and attn.linear_proj is RowParallelLinear
-    assert attn.core_attention is DotProductAttention
+    assert attn.core_attention is GLMCoreAttention  # megaglm's (CP + packed sequences); see test_context_*
+    assert spec.core_attention_class("local", use_te=False) is DotProductAttention
     mlp = sub.mlp.submodules
     assert mlp.linear_fc1 is ColumnParallelLinear and mlp.linear_fc2 is RowParallelLinear
     # checkpoint names match the TE layout, so dist checkpoints move between backends

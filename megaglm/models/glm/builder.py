@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
-from megaglm.models.glm.spec import glm_block_spec, select_backend, transformer_engine_available
+from megaglm.models.glm.rope import (config_rope_attributes, gptmodel_rope_kwargs, install_rope,
+                                     rope_settings)
+from megaglm.models.glm.spec import (check_attention_backend, core_attention_class, glm_block_spec,
+                                     select_backend, transformer_engine_available)
 
 __all__ = [
     "DTYPES",
@@ -285,24 +288,46 @@ def transformer_config(
     )
     kwargs.update(_fp8_fields(precision_cfg, device_type))
     kwargs.update(_recompute_fields(train_cfg))
-    return TransformerConfig(**kwargs)
+    kwargs.update(_context_fields(model_cfg, parallel_cfg, backend))
+    config = TransformerConfig(**kwargs)
+    for name, value in config_rope_attributes(model_cfg).items():  # YaRN temperature (rope.py)
+        setattr(config, name, value)
+    return config
+
+
+def _context_fields(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, backend: str) -> dict:
+    """Long-context fields: the attention backend check, ``cp_comm_type`` (and hierarchical CP sizes for
+    ``a2a+p2p``) under CP, and RoPE fusion off with YaRN (TE's fused RoPE has no temperature).
+
+    Raises:
+        ValueError: see :func:`megaglm.models.glm.spec.check_attention_backend`; ``a2a+p2p`` without
+            ``parallel.hierarchical_context_parallel_sizes`` multiplying to the CP size; bad RoPE settings.
+    """
+    cp = int(parallel_cfg.context_parallel_size)
+    comm = getattr(parallel_cfg, "cp_comm_type", None) or "p2p"
+    check_attention_backend(getattr(model_cfg, "attention_backend", "auto"), backend == "te", cp, comm,
+                            int(model_cfg.num_attention_heads), int(model_cfg.num_query_groups),
+                            int(parallel_cfg.tensor_model_parallel_size))
+    fields: dict = {}
+    if cp > 1:
+        fields["cp_comm_type"] = comm
+        if comm == "a2a+p2p":
+            sizes = getattr(parallel_cfg, "hierarchical_context_parallel_sizes", None)
+            if not sizes or math.prod(int(x) for x in sizes) != cp:
+                raise ValueError(
+                    "parallel.cp_comm_type=a2a+p2p needs parallel.hierarchical_context_parallel_sizes=[a2a, p2p] "
+                    f"whose product is parallel.context_parallel_size={cp} (got {sizes})"
+                )
+            fields["hierarchical_context_parallel_sizes"] = [int(x) for x in sizes]
+    if rope_settings(model_cfg)["scaling"] == "yarn":
+        fields["apply_rope_fusion"] = False
+    return fields
 
 
 def _rope_args(model_cfg: ModelConfig) -> dict:
-    scaling = str(model_cfg.rope_scaling).lower()
-    if scaling in ("none", "null", ""):
-        return {"seq_len_interpolation_factor": None}
-    if scaling == "linear":
-        factor = float(model_cfg.rope_scaling_factor)
-        if factor <= 0:
-            raise ValueError(f"model.rope_scaling_factor must be positive, got {factor}")
-        return {"seq_len_interpolation_factor": factor}
-    if scaling in ("ntk", "yarn"):
-        raise NotImplementedError(
-            f"model.rope_scaling={scaling!r} belongs to the long-context RoPE scaling feature, not built yet; "
-            "use 'none' (raise model.rotary_base instead, as GLM-4 does) or 'linear'"
-        )
-    raise ValueError(f"model.rope_scaling={scaling!r}: expected none, linear, ntk or yarn")
+    """``GPTModel`` RoPE arguments (``rotary_base``, ``seq_len_interpolation_factor``) for the config's
+    ``model.rope_scaling`` (none / linear / ntk / yarn; formulas in :mod:`megaglm.models.glm.rope`)."""
+    return gptmodel_rope_kwargs(model_cfg)
 
 
 def _pp_rank_and_size() -> tuple[int, int]:
@@ -337,7 +362,8 @@ def build_model(
         pre_process / post_process: whether this chunk holds the embedding / final norm + output layer;
             ``None`` = derived from this rank's pipeline rank and ``vp_stage``.
         vp_stage: virtual pipeline stage of this chunk (``0..VPP-1``), ``None`` without interleaving.
-        core_attention: optional core-attention class for the local spec (see ``glm_layer_spec``).
+        core_attention: core-attention class; None = the one ``model.attention_backend`` selects
+            (:func:`megaglm.models.glm.spec.core_attention_class`).
         config: a prebuilt ``TransformerConfig`` (else :func:`transformer_config` builds it).
 
     Returns:
@@ -349,7 +375,7 @@ def build_model(
 
     Raises:
         ValueError: ``vp_stage`` out of range, or vocabulary not divisible by TP.
-        NotImplementedError: ``model.rope_scaling`` is ``ntk`` / ``yarn``.
+        ValueError: bad ``model.rope_scaling`` settings (see :mod:`megaglm.models.glm.rope`).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
@@ -378,6 +404,8 @@ def build_model(
         post_process = pp_rank == pp_size - 1 and is_vp_last_stage(vp_stage, vpp)
 
     use_te = config.transformer_impl == "transformer_engine"
+    if core_attention is None:
+        core_attention = core_attention_class(getattr(model_cfg, "attention_backend", "auto"), use_te)
     block_spec = glm_block_spec(config, use_te, vp_stage=vp_stage, pp_rank=pp_rank, core_attention=core_attention)
     model = GPTModel(
         config=config,
@@ -390,10 +418,10 @@ def build_model(
         share_embeddings_and_output_weights=not bool(model_cfg.untie_embeddings_and_output_weights),
         position_embedding_type="rope",
         rotary_percent=float(model_cfg.rotary_percent),
-        rotary_base=float(model_cfg.rotary_base),
         vp_stage=vp_stage,
         **_rope_args(model_cfg),
     )
+    install_rope(model, model_cfg)  # YaRN's table (the other scalings went in through _rope_args)
     return model
 
 

@@ -5,9 +5,15 @@ Two backends:
 * ``"te"``: Transformer Engine modules, i.e. megatron-core's own
   ``get_gpt_layer_with_transformer_engine_spec()`` (norms fused into ``TELayerNormColumnParallelLinear``,
   ``TEDotProductAttention``, FP8-capable) and ``TENorm`` as the final norm. GPU only.
-* ``"local"``: megatron-core's plain modules (``ColumnParallelLinear`` / ``RowParallelLinear``,
-  ``DotProductAttention``) with :class:`megaglm.models.glm.norm.RMSNorm` in every norm slot, including the
-  block's final norm. Works on CPU and supports sequence parallelism.
+* ``"local"``: megatron-core's plain modules (``ColumnParallelLinear`` / ``RowParallelLinear``) with
+  :class:`megaglm.models.glm.norm.RMSNorm` in every norm slot, including the block's final norm, and
+  megaglm's core attention :class:`megaglm.models.glm.attention.GLMCoreAttention` (SDPA; causal,
+  packed-sequence document masking, context parallelism). Works on CPU and supports sequence parallelism.
+
+The core attention follows ``model.attention_backend`` (:func:`core_attention_class`): ``auto`` (TE's
+attention in the TE spec, ours in the local one), ``sdpa`` (ours in either spec), ``te``
+(``TEDotProductAttention``: needs the TE spec; context parallelism with ``parallel.cp_comm_type``) or
+``local`` (megatron-core's ``DotProductAttention``: no context parallelism, no packed sequences).
 
 How megatron-core 0.16.1 picks the final norm: ``GPTModel`` hands its ``transformer_layer_spec`` to
 ``TransformerBlock``. When that is a *layer* ``ModuleSpec``, the block repeats it and takes the final norm
@@ -37,9 +43,13 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megaglm.models.glm.attention import GLMCoreAttention
 from megaglm.models.glm.norm import RMSNorm
 
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "core_attention_class",
+    "check_attention_backend",
     "Backend",
     "transformer_engine_available",
     "select_backend",
@@ -116,6 +126,84 @@ def _te_norm() -> type:
     return TENorm
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "te", "local")
+# Backends that run context parallelism / packed (THD) sequences.
+_CP_CAPABLE = {"sdpa": True, "te": True, "local": False}
+
+
+def _resolve_attention(backend: str, use_te: bool) -> str:
+    backend = str(backend or "auto").lower()
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "auto":
+        return "te" if use_te else "sdpa"
+    return backend
+
+
+def check_attention_backend(backend: str, use_te: bool, context_parallel_size: int = 1,
+                            cp_comm_type: Optional[str] = None, num_attention_heads: Optional[int] = None,
+                            num_query_groups: Optional[int] = None, tensor_model_parallel_size: int = 1) -> str:
+    """Resolve ``model.attention_backend`` for a layer backend and check it can run the layout.
+
+    Args:
+        backend: auto | sdpa | te | local.
+        use_te: whether the Transformer Engine spec is in use (:func:`select_backend` said "te").
+        context_parallel_size / cp_comm_type: the CP layout (``parallel.*``).
+        num_attention_heads / num_query_groups / tensor_model_parallel_size: for the ``a2a`` checks.
+
+    Returns:
+        The resolved backend (sdpa | te | local).
+
+    Raises:
+        ValueError: an unknown backend; ``te`` without the TE spec; CP > 1 with ``local``; an unknown
+            ``cp_comm_type``; ``a2a`` with heads or KV groups per TP rank not divisible by CP.
+    """
+    resolved = _resolve_attention(backend, use_te)
+    cp = int(context_parallel_size)
+    if resolved == "te" and not use_te:
+        raise ValueError(
+            "model.attention_backend=te needs Transformer Engine on a CUDA device (the TE layer spec); "
+            "use model.attention_backend=auto or sdpa"
+        )
+    if cp > 1 and not _CP_CAPABLE[resolved]:
+        raise ValueError(
+            f"parallel.context_parallel_size={cp} needs an attention backend with context parallelism; "
+            f"model.attention_backend={backend} (megatron-core's DotProductAttention) has none. Use "
+            "model.attention_backend=auto (TE on GPUs, megaglm's SDPA attention otherwise) or sdpa"
+        )
+    if cp_comm_type is not None:
+        kinds = [cp_comm_type] if isinstance(cp_comm_type, str) else list(cp_comm_type)
+        for kind in kinds:
+            if kind not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
+                raise ValueError(f"parallel.cp_comm_type={kind!r}: expected p2p, all_gather, a2a or a2a+p2p")
+            if cp > 1 and resolved == "te" and kind == "a2a" and num_attention_heads is not None:
+                tp = int(tensor_model_parallel_size)
+                heads = int(num_attention_heads) // tp
+                groups = max(int(num_query_groups or num_attention_heads) // tp, 1)
+                if heads % cp or groups % cp:
+                    raise ValueError(
+                        f"parallel.cp_comm_type=a2a splits attention heads over the CP ranks: "
+                        f"{heads} heads and {groups} KV groups per TP rank must both divide by "
+                        f"parallel.context_parallel_size={cp}; use p2p or all_gather"
+                    )
+    return resolved
+
+
+def core_attention_class(backend: str, use_te: bool) -> Optional[type]:
+    """The core-attention class for ``model.attention_backend`` (None = the spec's own, i.e. TE's
+    ``TEDotProductAttention`` in the TE spec).
+
+    Raises:
+        ValueError: see :func:`check_attention_backend`.
+    """
+    resolved = check_attention_backend(backend, use_te)
+    if resolved == "sdpa":
+        return GLMCoreAttention
+    if resolved == "local":
+        return DotProductAttention
+    return None
+
+
 def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> ModuleSpec:
     """The ``ModuleSpec`` of one GLM decoder layer (pre-norm attention + pre-norm SwiGLU MLP).
 
@@ -124,9 +212,9 @@ def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> Modul
 
     Args:
         use_te: ``True`` -> megatron-core's TE spec; ``False`` -> local modules with our RMSNorm.
-        core_attention: replaces the core attention module class (e.g. a CPU core attention that
-            supports context parallelism); ``None`` keeps ``DotProductAttention`` (local) /
-            ``TEDotProductAttention`` (TE).
+        core_attention: replaces the core attention module class; ``None`` keeps
+            :class:`~megaglm.models.glm.attention.GLMCoreAttention` (local) / ``TEDotProductAttention``
+            (TE). See :func:`core_attention_class` for ``model.attention_backend``.
 
     Raises:
         ImportError: ``use_te=True`` but Transformer Engine is not installed.
@@ -146,7 +234,7 @@ def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> Modul
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention or DotProductAttention,
+                    core_attention=core_attention or GLMCoreAttention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
