@@ -88,7 +88,8 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    """Pretraining data: megatron indexed datasets (``<prefix>.bin`` / ``<prefix>.idx``).
+    """Training data: megatron indexed datasets (``<prefix>.bin`` / ``<prefix>.idx``), for pretraining
+    (``format: pretrain``) or chat SFT (``format: chat``, LongAlign packing / sorted batching).
 
     ``blend``: ``[prefix]``, or ``[weight, prefix, weight, prefix, ...]`` as in Megatron-LM's
     ``--data-path``. Empty with ``demo_corpus=true`` builds (once, cached) the standard-library
@@ -102,6 +103,19 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 0
     mmap_bin_files: bool = True
+    # LongAlign SFT (megaglm/data/sft.py). format: pretrain (indexed text, GPTDataset) | chat (datasets of
+    # `megaglm-preprocess --format chat`; blend lists their prefixes, concatenated; an empty blend with
+    # demo_corpus=true builds the long-conversation demo, megaglm/data/sft_demo.py).
+    format: str = "pretrain"
+    batching: str = "pack"  # chat: pack | sort | naive
+    loss_weighting: str = "per_sequence"  # chat: per_sequence (1/N_i per token, / #conversations) | per_token
+    overlong: str = "truncate"  # chat: a conversation longer than train.seq_length: truncate | drop
+    pack_algorithm: str = "best_fit"  # chat + pack: best_fit (decreasing) | greedy (next-fit)
+    pad_to_multiple: int = 8  # chat + sort/naive: row lengths rounded up to a multiple of this
+    # chat + pack: each conversation is padded to a multiple of this inside its pack; 0 = 2 x
+    # context_parallel_size (1 without CP). Set it to the largest 2 x CP you will run so that the packs,
+    # and so the global batches, stay the same when CP changes.
+    pack_align: int = 0
 
 
 @dataclass

@@ -19,6 +19,10 @@ CLI::
     megaglm-preprocess --input FILE_OR_DIR [--input ...] --output-prefix PREFIX \\
         [--tokenizer-type cl100k_glm|glm4] [--tokenizer-model PATH] [--json-key text] \\
         [--skip-bad-lines] [--workers N] [--quiet]
+
+``--format chat`` reads conversations instead (``{"messages": [...]}`` per JSONL line) and writes a chat
+dataset for LongAlign SFT: see :mod:`megaglm.data.sft_preprocess` (``--max-length``, ``--overlong``,
+``--end-token``).
 """
 
 from __future__ import annotations
@@ -392,11 +396,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", default="cl100k_glm", choices=["cl100k_glm", "glm4"])
     p.add_argument("--tokenizer-model", default=None, metavar="PATH",
                    help="GLM-4 tokenizer.model (required for glm4)")
-    p.add_argument("--json-key", default="text", help="JSONL field with the text (default: text)")
+    p.add_argument("--format", default="text", choices=["text", "chat"],
+                   help="text: documents for pretraining (default); chat: conversations "
+                   '({"messages": [...]}) for SFT, see megaglm.data.sft_preprocess')
+    p.add_argument("--json-key", default=None,
+                   help="JSONL field with the text (default: text) or, with --format chat, the message list "
+                   "(default: messages)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip (and count) malformed JSONL lines instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    chat = p.add_argument_group("--format chat")
+    chat.add_argument("--max-length", type=int, default=None, metavar="N",
+                      help="bound each conversation's training length (ids - 1) to N (default: keep whole; "
+                      "training packs / truncates at its own seq_length)")
+    chat.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
+                      help="what to do with a conversation longer than --max-length (counted either way)")
+    chat.add_argument("--end-token", default="<|user|>",
+                      help="special token appended (as a target) after a final assistant turn")
     return p
 
 
@@ -418,11 +435,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
             raise PreprocessError(f"--tokenizer-model {args.tokenizer_model!r}: no such file")
         tokenizer = GLMTokenizer(args.tokenizer_type, args.tokenizer_model)
+        if args.format == "chat":
+            from megaglm.data.sft_preprocess import main_chat
+
+            args.json_key = args.json_key or "messages"
+            summary = main_chat(args, tokenizer)
+            print(f"megaglm-preprocess: {summary.format()}")
+            return 0
         summary = preprocess(
             args.input,
             args.output_prefix,
             tokenizer,
-            json_key=args.json_key,
+            json_key=args.json_key or "text",
             skip_bad_lines=args.skip_bad_lines,
             workers=args.workers,
             progress=not args.quiet,

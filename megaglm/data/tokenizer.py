@@ -457,31 +457,26 @@ class GLMTokenizer(MegatronTokenizerBase):
 
     def apply_chat_template(
         self,
-        conversation: Sequence[dict[str, str]],
+        conversation: Sequence[dict[str, Any]],
         add_generation_prompt: bool = False,
         **_: Any,
     ) -> list[int]:
-        """GLM-4 chat format as ids: ``[gMASK]<sop>`` then per message ``<|role|>`` + ``"\\n"`` +
-        content (the content is encoded as ordinary text), then ``<|assistant|>`` if
-        ``add_generation_prompt``.
+        """GLM-4 chat format as ids (delegates to :func:`megaglm.data.chat.render_chat`):
+        ``[gMASK]<sop>`` then per message ``<|role|>`` + metadata + ``"\\n"`` + content (ordinary text),
+        then ``<|assistant|>`` if ``add_generation_prompt``. The ids equal what GLM-4's own tokenizer
+        and chat template produce; no end token is appended.
 
         Args:
             conversation: ``[{"role": "system"|"user"|"assistant"|"observation", "content": str}, ...]``.
 
         Raises:
-            ValueError: an unknown role.
+            megaglm.data.chat.ChatFormatError (a ``ValueError``): an unknown role, empty assistant
+                content, ... (see :func:`megaglm.data.chat.normalize_messages`).
         """
-        ids = [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
-        for message in conversation:
-            role_token = f"<|{message['role']}|>"
-            if role_token not in self.special_tokens:
-                raise ValueError(f"unknown chat role {message['role']!r}")
-            ids.append(self.special_tokens[role_token])
-            ids.extend(self.encode("\n"))
-            ids.extend(self.encode(message.get("content", "")))
-        if add_generation_prompt:
-            ids.append(self.special_tokens["<|assistant|>"])
-        return ids
+        from megaglm.data.chat import render_chat
+
+        return render_chat(self, conversation, add_generation_prompt=add_generation_prompt,
+                           end_token=None, require_assistant=False).ids.tolist()
 
 
 _RANKS_CACHE: dict[tuple[str, str], dict[bytes, int]] = {}

@@ -20,6 +20,7 @@ from megaglm.training.flops import step_throughput
 from megaglm.training.loss import masked_token_loss
 from megaglm.training.metrics import MetricsLogger
 from megaglm.training.optim import build_optimizer, build_scheduler
+from megaglm.training.stages import stage_lineage
 
 log = logging.getLogger(__name__)
 
@@ -226,27 +227,36 @@ def pretrain(cfg: DictConfig, on_step: Optional[Callable[[int], None]] = None) -
                     f"{'restored' if res.loaded_rng else 'not restored'}"
                     + ("" if res.same_layout else " (layout changed: weights resharded)"))
 
-    # Data.
+    # Data: pretraining windows (megatron GPTDataset) or LongAlign chat SFT (megaglm/data/sft.py).
     G = cfg.train.global_batch_size
-    n_evals = cfg.train.train_iters // max(cfg.train.eval_interval, 1) + 1
-    samples = (cfg.train.train_iters * G, n_evals * cfg.train.eval_iters * G, cfg.train.eval_iters * G)
-    train_ds, valid_ds, _ = build_pretrain_datasets(cfg.data, tokenizer, cfg.train.seq_length,
-                                                    cfg.train.seed, samples)
+    if cfg.data.format == "chat":
+        from megaglm.data.sft import build_sft_data
+
+        sft = build_sft_data(cfg, tokenizer, dp_rank, dp_size, log=logger.text)
+        train_ds, valid_ds, make_iterator = sft.train, sft.valid, sft.make_iterator
+    elif cfg.data.format == "pretrain":
+        n_evals = cfg.train.train_iters // max(cfg.train.eval_interval, 1) + 1
+        samples = (cfg.train.train_iters * G, n_evals * cfg.train.eval_iters * G, cfg.train.eval_iters * G)
+        train_ds, valid_ds, _ = build_pretrain_datasets(cfg.data, tokenizer, cfg.train.seq_length,
+                                                        cfg.train.seed, samples)
+
+        def make_iterator(ds, consumed: int):
+            return MicroBatchIterator(ds, cfg.train.micro_batch_size, G, dp_rank, dp_size, consumed)
+    else:
+        raise ValueError(f"data.format={cfg.data.format!r}: expected 'pretrain' or 'chat'")
     n_chunks = len(model)
-    train_it = MicroBatchIterator(train_ds, cfg.train.micro_batch_size, G, dp_rank, dp_size, consumed_train)
-    train_iters = [train_it] if n_chunks == 1 else [
-        MicroBatchIterator(train_ds, cfg.train.micro_batch_size, G, dp_rank, dp_size, consumed_train)
-        for _ in range(n_chunks)]
+    train_it = make_iterator(train_ds, consumed_train)
+    train_iters = [train_it] if n_chunks == 1 else [make_iterator(train_ds, consumed_train)
+                                                    for _ in range(n_chunks)]
 
     def valid_iterators(consumed: int):
         if valid_ds is None:
             return None
-        its = [MicroBatchIterator(valid_ds, cfg.train.micro_batch_size, G, dp_rank, dp_size, consumed)
-               for _ in range(n_chunks)]
+        its = [make_iterator(valid_ds, consumed) for _ in range(n_chunks)]
         return its[0] if n_chunks == 1 else its
 
     result = TrainResult(iteration=iteration)
-    if rank == 0:
+    if rank == 0 and cfg.data.format == "pretrain":
         result.unigram_entropy = _data_unigram_entropy(cfg, tokenizer)
         logger.text(f"data unigram entropy {result.unigram_entropy:.4f} nats/token "
                     "(the loss of the best context-free model)")
@@ -261,7 +271,8 @@ def pretrain(cfg: DictConfig, on_step: Optional[Callable[[int], None]] = None) -
             path = save_checkpoint(cfg.checkpoint.save_dir, it, model, optimizer, scheduler,
                                    consumed_train_samples=train_it.consumed_samples,
                                    consumed_valid_samples=consumed_valid, model_config=model_cfg_dict,
-                                   run_config_yaml=run_yaml, keep_last=cfg.checkpoint.keep_last)
+                                   run_config_yaml=run_yaml, keep_last=cfg.checkpoint.keep_last,
+                                   lineage=stage_lineage(cfg, it))
             result.last_checkpoint = str(path)
             logger.text(f"saved checkpoint {path}")
 
@@ -276,8 +287,9 @@ def pretrain(cfg: DictConfig, on_step: Optional[Callable[[int], None]] = None) -
         out = fwd_bwd(forward_step_func=forward_step,
                       data_iterator=train_iters[0] if n_chunks == 1 else train_iters,
                       model=model if n_chunks > 1 else model[0], num_microbatches=nmb,
-                      seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                      forward_only=False)
+                      # SFT sorted / naive batching: this step's row length (pipeline p2p shapes)
+                      seq_length=getattr(train_it, "step_seq_length", cfg.train.seq_length),
+                      micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
         update_ok, grad_norm, _ = optimizer.step()
         if update_ok:
             scheduler.step(increment=1)

@@ -1,0 +1,246 @@
+"""``megaglm-preprocess --format chat``: JSONL conversations -> a tokenized chat dataset.
+
+Input: JSONL, one conversation per line, ``{"messages": [{"role": ..., "content": ...}, ...]}`` (the
+key is ``--json-key``, default ``messages``; LongAlign-10k and GLM-4's fine-tuning data use this form).
+Roles, tool calls and the supervision rule are those of :mod:`megaglm.data.chat`.
+
+Output (``PREFIX`` = ``--output-prefix``), written under temporary names and renamed into place only when
+everything succeeded:
+
+* ``PREFIX.bin`` / ``PREFIX.idx``: megatron-core indexed dataset, one sequence per conversation: its
+  GLM-4 token ids including the appended end token (``<|user|>`` after a final assistant turn);
+* ``PREFIX.targets.bin`` / ``PREFIX.targets.idx``: same shape, ``uint8`` 1 where the id is a target;
+* ``PREFIX.chat.json``: format version, tokenizer identity, counts, skip / truncation reasons.
+
+Conversations are stored whole (not cut to a training length), so training can pack them at any
+``seq_length``; ``--max-length`` with ``--overlong truncate|drop`` optionally bounds them here already
+(counted). Bad lines (invalid JSON, no ``messages`` list, an unknown role, empty assistant content, ...)
+stop the run with ``file:line: message k: ...`` unless ``--skip-bad-lines``, which counts them by reason
+with the first line numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from megaglm.data.chat import DEFAULT_END_TOKEN, ChatFormatError, render_chat
+from megaglm.data.preprocess import (PreprocessError, PreprocessSummary, _Skips, _strip_suffix,
+                                     _utf8_error, collect_input_files)
+from megaglm.data.sft import CHAT_FORMAT_VERSION, MANIFEST_SUFFIX, OVERLONG_POLICIES, TARGETS_SUFFIX
+
+__all__ = ["ChatPreprocessSummary", "preprocess_chat", "iter_chat_jsonl"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class ChatPreprocessSummary(PreprocessSummary):
+    """:class:`~megaglm.data.preprocess.PreprocessSummary` plus ``target_tokens`` and ``truncated``
+    (``documents`` = conversations written; ``tokens`` = their ids)."""
+
+    def __init__(self, output_prefix: str, **kw: Any):
+        super().__init__(output_prefix=output_prefix, **kw)
+        self.target_tokens = 0
+        self.truncated = 0
+        self.truncated_examples: list[str] = []
+        self.max_length = 0
+
+    def format(self) -> str:
+        lines = super().format().splitlines()
+        lines[0] = lines[0] + f" + {self.output_prefix}{TARGETS_SUFFIX}.bin / .idx + {MANIFEST_SUFFIX}"
+        lines[1] = (f"  files: {self.files}   conversations: {self.documents:,}   tokens: {self.tokens:,}   "
+                    f"target tokens: {self.target_tokens:,}   longest: {self.max_length:,}   "
+                    f"time: {self.seconds:.1f} s")
+        if self.truncated:
+            ex = ", ".join(self.truncated_examples)
+            lines.insert(2, f"  truncated to --max-length: {self.truncated:,}  (e.g. {ex})")
+        return "\n".join(lines)
+
+
+def iter_chat_jsonl(path: Path, json_key: str = "messages"):
+    """Yield ``(line number, messages or None, problem or None)`` per non-blank line of a JSONL file.
+
+    ``problem`` is ``(reason, message)`` for invalid JSON, a non-object line, or a missing key.
+
+    Raises:
+        PreprocessError: the file is not UTF-8 (names the byte offset and line).
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _utf8_error(path, err, offset, lineno) from None
+            offset += len(raw)
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
+            if not line.strip():
+                yield lineno, None, ("blank line", None)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield lineno, None, ("invalid JSON", f"invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield lineno, None, ("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            if json_key not in obj:
+                yield lineno, None, (f"missing key {json_key!r}",
+                                     f"key {json_key!r} is missing (keys: {sorted(obj)[:10]}); "
+                                     "choose the key with --json-key")
+                continue
+            yield lineno, obj[json_key], None
+
+
+def preprocess_chat(
+    inputs: Union[PathLike, Sequence[PathLike]],
+    output_prefix: PathLike,
+    tokenizer: Any,
+    json_key: str = "messages",
+    skip_bad_lines: bool = False,
+    max_length: Optional[int] = None,
+    overlong: str = "truncate",
+    end_token: str = DEFAULT_END_TOKEN,
+    log: Any = None,
+) -> ChatPreprocessSummary:
+    """Tokenize chat JSONL into a chat dataset (files described in the module docstring).
+
+    Args:
+        inputs: JSONL files or directories of them.
+        output_prefix: dataset prefix.
+        tokenizer: :class:`~megaglm.data.tokenizer.GLMTokenizer`.
+        json_key: the field holding the message list.
+        skip_bad_lines: count and skip bad lines instead of stopping.
+        max_length: optional bound on a conversation's training length (ids - 1).
+        overlong: ``truncate`` (cut to ``max_length``; dropped when no target is left) or ``drop``.
+        end_token: the special token that ends a final assistant turn (a target).
+        log: callable for the summary, or None.
+
+    Returns:
+        :class:`ChatPreprocessSummary` (skips by reason with ``file:line`` examples, truncations).
+
+    Raises:
+        PreprocessError: a bad line (``file:line: ...``) without ``skip_bad_lines``, a non-UTF-8 file, no
+            conversations at all, a bad argument. Nothing is written then.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    t0 = time.monotonic()
+    if overlong not in OVERLONG_POLICIES:
+        raise PreprocessError(f"--overlong {overlong!r}: expected one of {', '.join(OVERLONG_POLICIES)}")
+    if max_length is not None and int(max_length) < 1:
+        raise PreprocessError(f"--max-length must be >= 1, got {max_length}")
+    if end_token not in tokenizer.special_tokens:
+        raise PreprocessError(f"--end-token {end_token!r} is not a special token")
+    files = collect_input_files(inputs)
+    prefix = _strip_suffix(os.fspath(output_prefix))
+    if not Path(prefix).name or prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():
+        raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r} names a directory, not a "
+                              "dataset prefix; give a file-name prefix, e.g. data/my_chat")
+    out_dir = Path(prefix).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    summary = ChatPreprocessSummary(prefix, dtype=np.dtype(dtype).name)
+    skips = _Skips()
+    name = Path(prefix).name
+    tag = f".tmp{os.getpid()}"
+    tmp = {s: out_dir / f".{name}{tag}{s}" for s in (".bin", ".idx", TARGETS_SUFFIX + ".bin",
+                                                      TARGETS_SUFFIX + ".idx", MANIFEST_SUFFIX)}
+    ids_b = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=dtype)
+    tg_b = IndexedDatasetBuilder(str(tmp[TARGETS_SUFFIX + ".bin"]), dtype=np.uint8)
+    try:
+        for path in files:
+            for lineno, messages, problem in iter_chat_jsonl(path, json_key):
+                where = f"{path}:{lineno}"
+                if problem is None:
+                    try:
+                        chat = render_chat(tokenizer, messages, end_token=end_token)
+                    except ChatFormatError as err:
+                        problem = (err.reason, str(err))
+                if problem is not None:
+                    reason, message = problem
+                    if message is None or skip_bad_lines:
+                        skips.add(reason, where)
+                        continue
+                    raise PreprocessError(f"{where}: {message}. Fix the line, or pass --skip-bad-lines "
+                                          "to skip (and count) such lines.")
+                ids, targets = chat.ids, chat.targets
+                if max_length is not None and len(ids) - 1 > max_length:
+                    if overlong == "drop":
+                        skips.add(f"longer than --max-length {max_length} (dropped)", where)
+                        continue
+                    ids, targets = ids[: max_length + 1], targets[: max_length + 1]
+                    if not targets[1:].any():
+                        skips.add(f"no target within --max-length {max_length} (dropped)", where)
+                        continue
+                    summary.truncated += 1
+                    if len(summary.truncated_examples) < 3:
+                        summary.truncated_examples.append(where)
+                ids_b.add_document(ids, [len(ids)])
+                tg_b.add_document(targets.astype(np.uint8), [len(ids)])
+                summary.documents += 1
+                summary.tokens += len(ids)
+                summary.target_tokens += int(targets.sum())
+                summary.max_length = max(summary.max_length, len(ids))
+            summary.files += 1
+            summary.input_bytes += path.stat().st_size
+        if summary.documents == 0:
+            raise PreprocessError(f"no conversations found in {len(files)} input file(s) (skipped: "
+                                  f"{dict(skips.counts) or 'nothing'}); nothing written to {prefix}")
+        ids_b.finalize(str(tmp[".idx"]))
+        tg_b.finalize(str(tmp[TARGETS_SUFFIX + ".idx"]))
+        summary.skipped = dict(skips.counts)
+        summary.skipped_examples = skips.examples
+        manifest = {
+            "format": CHAT_FORMAT_VERSION,
+            "tokenizer": tokenizer.identity,
+            "end_token": end_token,
+            "conversations": summary.documents,
+            "tokens": summary.tokens,
+            "target_tokens": summary.target_tokens,
+            "max_length": max_length,
+            "overlong": overlong,
+            "truncated": summary.truncated,
+            "skipped": summary.skipped,
+            "skipped_examples": summary.skipped_examples,
+            "inputs": [str(f) for f in files],
+        }
+        tmp[MANIFEST_SUFFIX].write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        for suffix, path in tmp.items():
+            os.replace(path, prefix + suffix)
+    finally:
+        for b in (ids_b, tg_b):
+            if not b.data_file.closed:
+                b.data_file.close()
+        for path in tmp.values():
+            if path.exists():
+                path.unlink()
+    summary.seconds = time.monotonic() - t0
+    if log is not None:
+        log(summary.format())
+    return summary
+
+
+def main_chat(args: Any, tokenizer: Any) -> ChatPreprocessSummary:
+    """``megaglm-preprocess --format chat`` with parsed ``args`` (called by
+    :func:`megaglm.data.preprocess.main`)."""
+    return preprocess_chat(
+        args.input, args.output_prefix, tokenizer,
+        json_key=args.json_key or "messages",
+        skip_bad_lines=args.skip_bad_lines, max_length=args.max_length, overlong=args.overlong,
+        end_token=args.end_token,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from megaglm.data.preprocess import main
+
+    sys.exit(main(["--format", "chat", *sys.argv[1:]]))
