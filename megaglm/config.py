@@ -73,8 +73,12 @@ class ParallelConfig:
     hierarchical_context_parallel_sizes: Optional[list[int]] = None  # a2a+p2p: [a2a size, p2p size]
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
+    # Communication overlap (megatron-core DDP / Transformer Engine; all off by default):
+    overlap_grad_reduce: bool = False  # grad all-reduce / reduce-scatter during backward
+    overlap_param_gather: bool = False  # param all-gather during forward (needs the distributed optimizer)
+    # TP all-gather / reduce-scatter overlapped with the GEMMs (TE userbuffers): CUDA + TE, TP > 1 with
+    # sequence parallelism.
+    tp_comm_overlap: bool = False
 
 
 @dataclass
@@ -143,18 +147,55 @@ class TrainConfig:
     recompute_method: Optional[str] = None  # uniform | block (full only)
     recompute_num_layers: Optional[int] = None
     exit_after_iters: Optional[int] = None  # stop (after saving) at this iteration: for resume tests
+    # Kernel fusions (megatron-core TransformerConfig fields of the same names). null = on where the
+    # kernel exists (CUDA; apply_rope_fusion needs TE >= 2.3 for GLM's interleaved RoPE; the softmax and
+    # grad-accumulation fusions need their CUDA extensions), true = required (startup fails where it is
+    # unavailable), false = off. Always off on CPU.
+    bias_activation_fusion: Optional[bool] = None
+    bias_dropout_fusion: Optional[bool] = None
+    masked_softmax_fusion: Optional[bool] = None
+    gradient_accumulation_fusion: Optional[bool] = None
+    apply_rope_fusion: Optional[bool] = None
+    cross_entropy_loss_fusion: Optional[bool] = None
+    cross_entropy_fusion_impl: str = "native"  # native (megatron-core) | te (Transformer Engine's)
+    # CUDA graphs: none (default) | local (megatron-core's graph manager) | transformer_engine
+    cuda_graph_impl: str = "none"
 
 
 @dataclass
 class PrecisionConfig:
-    """``params_dtype`` fp32 | bf16 | fp16; ``fp8`` None | hybrid | e4m3 (GPU + Transformer Engine)."""
+    """Number formats (presets: ``conf/precision/{fp32,bf16,fp8_hybrid_delayed,fp8_current,mxfp8}.yaml``).
+
+    ``params_dtype``: fp32 | bf16 | fp16; with bf16 / fp16 the optimizer keeps fp32 main params and
+    fp32 grads. FP8 (CUDA + Transformer Engine only; startup fails elsewhere) runs the GEMMs of the TE
+    layers in FP8 on top of ``params_dtype``; fields map 1:1 to megatron-core 0.16.1's
+    ``TransformerConfig`` (``fp8_param_gather`` -> ``fp8_param`` and DDP's ``fp8_param_gather``):
+
+    * ``fp8``: None | ``hybrid`` (E4M3 forward, E5M2 gradients) | ``e4m3`` (E4M3 everywhere);
+    * ``fp8_recipe``: ``delayed`` (scales from an amax history; Hopper), ``current`` (per-tensor current
+      scaling, megatron's ``tensorwise``; Hopper), ``mxfp8`` (1x32 block scales; Blackwell only),
+      ``blockwise``;
+    * ``fp8_amax_history_len`` / ``fp8_amax_compute_algo`` (max | most_recent) / ``fp8_margin``: the
+      delayed-scaling window, reduction and margin (scale = 2^-margin x fp8_max / amax);
+    * ``fp8_wgrad``: false computes weight gradients in higher precision;
+    * ``fp8_param_gather``: keep the compute weights in FP8 and all-gather them in FP8 (needs
+      ``parallel.use_distributed_optimizer``);
+    * ``first_last_layers_bf16`` with ``num_layers_at_start_in_bf16`` / ``num_layers_at_end_in_bf16``:
+      keep that many first / last decoder layers in bf16 (not with ``delayed``).
+    """
 
     name: str = "fp32"
     params_dtype: str = "fp32"
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
     fp8_margin: int = 0
+    fp8_wgrad: bool = True
+    fp8_param_gather: bool = False
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
 
 
 @dataclass

@@ -32,6 +32,9 @@ __all__ = [
     "build_model",
     "build_model_chunks",
     "count_parameters",
+    "check_fp8_seq_length",
+    "ddp_precision_fields",
+    "initialize_tp_comm_overlap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,8 +158,38 @@ def _recompute_fields(train_cfg: Optional[TrainConfig]) -> dict:
     return {"recompute_granularity": "selective"}
 
 
-def _fp8_fields(precision_cfg: PrecisionConfig, device_type: str) -> dict:
+def _cuda_capability() -> Optional[tuple[int, int]]:
+    """``(major, minor)`` compute capability of the current CUDA device; None without CUDA."""
+    try:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return int(major), int(minor)
+    except Exception:
+        pass
+    return None
+
+
+def _te_state() -> str:
+    return "imports" if transformer_engine_available() else "is not installed"
+
+
+def _fp8_fields(precision_cfg: PrecisionConfig, device_type: str, model_cfg: Optional[ModelConfig] = None,
+                parallel_cfg: Optional[ParallelConfig] = None) -> dict:
+    """megatron-core's FP8 fields from ``precision.*``, after checking the request can run here.
+
+    FP8 needs Transformer Engine on a CUDA device of compute capability >= 8.9 (Ada / Hopper); the
+    ``mxfp8`` recipe needs >= 10.0 (Blackwell). ``first_last_layers_bf16`` is refused with ``delayed``
+    (megatron-core does not support it) and its counts must fit in one pipeline stage's layers.
+    ``fp8_param_gather`` maps to ``TransformerConfig.fp8_param`` (TE keeps the compute weights in FP8);
+    the DDP side is :func:`ddp_precision_fields`.
+
+    Raises:
+        ValueError: naming the ``precision.*`` key and what to change.
+    """
     if precision_cfg.fp8 is None:
+        if precision_cfg.fp8_param_gather:
+            raise ValueError("precision.fp8_param_gather=true needs FP8 (precision.fp8 set, e.g. "
+                             "precision=fp8_hybrid_delayed); set precision.fp8_param_gather=false")
         return {}
     fmt = str(precision_cfg.fp8)
     if fmt not in _FP8_FORMATS:
@@ -164,21 +197,214 @@ def _fp8_fields(precision_cfg: PrecisionConfig, device_type: str) -> dict:
     if device_type != "cuda" or not transformer_engine_available():
         raise ValueError(
             f"precision.fp8={fmt!r} needs Transformer Engine on a CUDA device (device={device_type}, "
-            f"transformer_engine {'imports' if transformer_engine_available() else 'is not installed'}); "
-            "set precision.fp8=null for this run"
+            f"transformer_engine {_te_state()}); use precision=bf16 (or fp32), or set precision.fp8=null "
+            "for this run"
         )
     recipe = _FP8_RECIPES.get(str(precision_cfg.fp8_recipe))
     if recipe is None:
         raise ValueError(
             f"precision.fp8_recipe={precision_cfg.fp8_recipe!r}: expected one of {sorted(_FP8_RECIPES)}"
         )
-    return {
+    cap = _cuda_capability()
+    if cap is not None:
+        if cap < (8, 9):
+            raise ValueError(
+                f"precision.fp8={fmt!r} needs a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+                f"this one is sm_{cap[0]}{cap[1]}. Use precision=bf16"
+            )
+        if recipe == "mxfp8" and cap < (10, 0):
+            raise ValueError(
+                f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0); this one is "
+                f"sm_{cap[0]}{cap[1]}. On Hopper use precision=fp8_current or precision=fp8_hybrid_delayed"
+            )
+    algo = str(precision_cfg.fp8_amax_compute_algo)
+    if algo not in ("max", "most_recent"):
+        raise ValueError(f"precision.fp8_amax_compute_algo={algo!r}: expected 'max' or 'most_recent'")
+    if int(precision_cfg.fp8_amax_history_len) < 1:
+        raise ValueError(f"precision.fp8_amax_history_len={precision_cfg.fp8_amax_history_len} must be >= 1")
+    if int(precision_cfg.fp8_margin) < 0:
+        raise ValueError(f"precision.fp8_margin={precision_cfg.fp8_margin} must be >= 0")
+    fields = {
         "fp8": fmt,
         "fp8_recipe": recipe,
         "fp8_margin": int(precision_cfg.fp8_margin),
         "fp8_amax_history_len": int(precision_cfg.fp8_amax_history_len),
-        "fp8_amax_compute_algo": "max",
+        "fp8_amax_compute_algo": algo,
+        "fp8_wgrad": bool(precision_cfg.fp8_wgrad),
+        "fp8_param": bool(precision_cfg.fp8_param_gather),
     }
+    if precision_cfg.fp8_param_gather and parallel_cfg is not None and not parallel_cfg.use_distributed_optimizer:
+        raise ValueError(
+            "precision.fp8_param_gather=true needs parallel.use_distributed_optimizer=true (FP8 weights are "
+            "gathered by the distributed optimizer); set one or the other"
+        )
+    if precision_cfg.first_last_layers_bf16:
+        if recipe == "delayed":
+            raise ValueError(
+                "precision.first_last_layers_bf16=true does not work with precision.fp8_recipe=delayed "
+                "(megatron-core: delayed scaling keeps every layer in FP8); use precision=fp8_current, or "
+                "set precision.first_last_layers_bf16=false"
+            )
+        start, end = int(precision_cfg.num_layers_at_start_in_bf16), int(precision_cfg.num_layers_at_end_in_bf16)
+        if model_cfg is not None:
+            pp = int(parallel_cfg.pipeline_model_parallel_size) if parallel_cfg is not None else 1
+            per_stage = int(model_cfg.num_layers) // max(pp, 1)
+            for key, n in (("num_layers_at_start_in_bf16", start), ("num_layers_at_end_in_bf16", end)):
+                if not 0 <= n <= per_stage:
+                    raise ValueError(
+                        f"precision.{key}={n} must be between 0 and the layers per pipeline stage "
+                        f"({per_stage} = model.num_layers {model_cfg.num_layers} / PP {pp})"
+                    )
+        fields.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=start,
+                      num_layers_at_end_in_bf16=end)
+    return fields
+
+
+def check_fp8_seq_length(precision_cfg: PrecisionConfig, parallel_cfg: ParallelConfig, seq_length: int) -> None:
+    """Refuse a sequence length whose per-rank token count does not suit the FP8 recipe.
+
+    Uses :mod:`megaglm.parallel.alignment` (tokens per rank after the CP split into 2 x CP chunks and the
+    SP split must be a multiple of 16 for delayed / current scaling, 32 for MXFP8). No check without FP8
+    or for recipes the calculator has no rule for (``blockwise``).
+
+    Raises:
+        ValueError: naming ``train.seq_length`` and the next valid length.
+    """
+    from megaglm.parallel.alignment import pad_seq_length, required_multiple
+
+    if precision_cfg.fp8 is None or str(precision_cfg.fp8_recipe) == "blockwise":
+        return
+    tp = int(parallel_cfg.tensor_model_parallel_size)
+    sp = bool(parallel_cfg.sequence_parallel) and tp > 1
+    cp = int(parallel_cfg.context_parallel_size)
+    recipe = str(precision_cfg.fp8_recipe)
+    padded = pad_seq_length(int(seq_length), tp, sp, cp, recipe)
+    if padded != int(seq_length):
+        raise ValueError(
+            f"train.seq_length={seq_length} does not suit FP8 recipe {recipe!r} with TP={tp}"
+            f"{' + SP' if sp else ''}, CP={cp}: lengths must be multiples of "
+            f"{required_multiple(tp, sp, cp, recipe)} (tokens per rank after the CP and SP splits a multiple of "
+            f"{32 if recipe == 'mxfp8' else 16}); use train.seq_length={padded} "
+            "(megaglm.parallel.alignment.pad_seq_length)"
+        )
+
+
+# train.<name> -> (available here?, what it needs). Evaluated per call: see _fusion_fields.
+def _fusion_availability(device_type: str, backend: str) -> dict[str, tuple[bool, str]]:
+    on_cuda = device_type == "cuda"
+    return {
+        "bias_activation_fusion": (on_cuda, "a CUDA device"),
+        "bias_dropout_fusion": (on_cuda, "a CUDA device"),
+        # megatron's fused softmax kernels are separate CUDA extensions (Megatron-LM / Apex builds)
+        "masked_softmax_fusion": (
+            on_cuda and _importable("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"),
+            "a CUDA device and megatron's fused softmax extensions (scaled_masked_softmax_cuda)",
+        ),
+        "gradient_accumulation_fusion": (
+            on_cuda and _importable("fused_weight_gradient_mlp_cuda"),
+            "a CUDA device and Apex's fused_weight_gradient_mlp_cuda extension",
+        ),
+        # GLM's RoPE is interleaved: TE's fused RoPE kernel supports that from TE 2.3 on.
+        "apply_rope_fusion": (
+            on_cuda and backend == "te" and _te_at_least("2.3.0"),
+            "a CUDA device and Transformer Engine >= 2.3 (fused interleaved RoPE)",
+        ),
+        "cross_entropy_loss_fusion": (on_cuda, "a CUDA device"),
+    }
+
+
+def _fusion_fields(train_cfg: Optional[TrainConfig], device_type: str, backend: str) -> dict:
+    """Kernel-fusion fields from ``train.<fusion>``: null = on where available, true = required, false = off.
+
+    Raises:
+        ValueError: a fusion set to true that this device / install cannot run, or a bad
+            ``train.cross_entropy_fusion_impl``.
+    """
+    fields = {"persist_layer_norm": False}  # Apex LayerNorm only; GLM uses RMSNorm
+    for name, (available, needs) in _fusion_availability(device_type, backend).items():
+        want = getattr(train_cfg, name, None) if train_cfg is not None else None
+        if want is None:
+            fields[name] = bool(available)
+        elif want and not available:
+            raise ValueError(f"train.{name}=true needs {needs}; set it to null (auto) or false")
+        else:
+            fields[name] = bool(want)
+    impl = str(getattr(train_cfg, "cross_entropy_fusion_impl", "native") if train_cfg is not None else "native")
+    if impl not in ("native", "te"):
+        raise ValueError(f"train.cross_entropy_fusion_impl={impl!r}: expected 'native' or 'te'")
+    if impl == "te":
+        if backend != "te":
+            raise ValueError("train.cross_entropy_fusion_impl=te needs Transformer Engine on CUDA; use 'native'")
+        fields["cross_entropy_fusion_impl"] = "te"
+    return fields
+
+
+def _perf_fields(parallel_cfg: ParallelConfig, train_cfg: Optional[TrainConfig], device_type: str,
+                 backend: str) -> dict:
+    """Communication-overlap and CUDA-graph fields, checked against device, backend and layout.
+
+    Raises:
+        ValueError: ``parallel.tp_comm_overlap`` without CUDA + TE + TP > 1 with sequence parallelism;
+            ``parallel.overlap_param_gather`` without the distributed optimizer; an unknown or
+            unavailable ``train.cuda_graph_impl``.
+    """
+    fields: dict = {}
+    if parallel_cfg.overlap_param_gather and not parallel_cfg.use_distributed_optimizer:
+        raise ValueError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+    if parallel_cfg.tp_comm_overlap:
+        if backend != "te":
+            raise ValueError(
+                "parallel.tp_comm_overlap=true needs Transformer Engine on a CUDA device (userbuffers); "
+                f"device={device_type}, transformer_engine {_te_state()}"
+            )
+        if int(parallel_cfg.tensor_model_parallel_size) < 2 or not parallel_cfg.sequence_parallel:
+            raise ValueError(
+                "parallel.tp_comm_overlap=true needs parallel.tensor_model_parallel_size >= 2 and "
+                "parallel.sequence_parallel=true"
+            )
+        fields["tp_comm_overlap"] = True
+    graph = str(getattr(train_cfg, "cuda_graph_impl", "none") if train_cfg is not None else "none")
+    if graph not in ("none", "local", "transformer_engine"):
+        raise ValueError(f"train.cuda_graph_impl={graph!r}: expected none, local or transformer_engine")
+    if graph != "none":
+        if device_type != "cuda":
+            raise ValueError(f"train.cuda_graph_impl={graph} needs a CUDA device; use none")
+        if graph == "transformer_engine" and backend != "te":
+            raise ValueError("train.cuda_graph_impl=transformer_engine needs Transformer Engine; use none or local")
+        fields["cuda_graph_impl"] = graph
+    return fields
+
+
+def ddp_precision_fields(precision_cfg: PrecisionConfig) -> dict:
+    """``DistributedDataParallelConfig`` fields that follow the precision config:
+    ``fp8_param_gather`` (all-gather the FP8 compute weights)."""
+    return {"fp8_param_gather": bool(precision_cfg.fp8 is not None and precision_cfg.fp8_param_gather)}
+
+
+_UB_INITIALIZED = False
+
+
+def initialize_tp_comm_overlap(config, seq_length: int, micro_batch_size: int) -> bool:
+    """Set up Transformer Engine's userbuffers for ``tp_comm_overlap`` (once per process).
+
+    Same call as Megatron-LM's ``_initialize_tp_communicators``: buffers of shape
+    ``[seq_length x micro_batch_size / CP, hidden]`` in ``params_dtype``, FP8 when ``config.fp8`` is set.
+    Must run after the process groups exist and before the TE layers are built.
+
+    Returns:
+        True when it initialised the buffers now, False when ``tp_comm_overlap`` is off or they exist.
+    """
+    global _UB_INITIALIZED
+    if not getattr(config, "tp_comm_overlap", False) or _UB_INITIALIZED:
+        return False
+    from transformer_engine.pytorch import module as te_module
+
+    shape = [int(seq_length) * int(micro_batch_size) // int(config.context_parallel_size), int(config.hidden_size)]
+    te_module.base.initialize_ub(shape=shape, tp_size=int(config.tensor_model_parallel_size),
+                                 use_fp8=config.fp8 is not None, dtype=config.params_dtype)
+    _UB_INITIALIZED = True
+    logger.info("tp_comm_overlap: Transformer Engine userbuffers initialised for shape %s", shape)
+    return True
 
 
 def transformer_config(
@@ -200,10 +426,17 @@ def transformer_config(
     ``precision.params_dtype``, ``bf16`` / ``fp16`` flags, FP8 fields when ``precision.fp8`` is set.
     Recompute fields from ``train_cfg``.
 
-    On CPU every fused kernel is off and parameters are created with CPU initialization; on CUDA the
-    JIT fusions (bias+SwiGLU, bias+dropout+add, cross entropy) are on, RoPE fusion only with TE >= 2.3
-    (interleaved RoPE), masked-softmax and gradient-accumulation fusion only when their CUDA extensions
-    (``scaled_masked_softmax_cuda``, Apex's ``fused_weight_gradient_mlp_cuda``) import.
+    On CPU every fused kernel is off and parameters are created with CPU initialization. On CUDA each
+    fusion follows ``train.<fusion>`` (null = auto): the JIT fusions (bias+SwiGLU, bias+dropout+add,
+    cross entropy) are on, RoPE fusion only with TE >= 2.3 (interleaved RoPE), masked-softmax and
+    gradient-accumulation fusion only when their CUDA extensions (``scaled_masked_softmax_cuda``, Apex's
+    ``fused_weight_gradient_mlp_cuda``) import; a fusion set to true where it cannot run is refused.
+    FP8 fields (``fp8``, ``fp8_recipe``, ``fp8_margin``, ``fp8_amax_history_len``,
+    ``fp8_amax_compute_algo``, ``fp8_wgrad``, ``fp8_param``, ``first_last_layers_bf16``,
+    ``num_layers_at_{start,end}_in_bf16``) come from ``precision.*`` and need TE on CUDA (see
+    ``_fp8_fields``); with FP8 and a ``train_cfg``, ``train.seq_length`` must suit the recipe under the
+    layout (:func:`check_fp8_seq_length`). ``tp_comm_overlap`` (``parallel.tp_comm_overlap``) and
+    ``cuda_graph_impl`` (``train.cuda_graph_impl``, default none) are checked the same way.
 
     ``deallocate_pipeline_outputs`` is on everywhere (as in Megatron-LM). On CPU it matters for
     correctness too: megatron's schedules then call the autograd engine directly instead of
@@ -216,8 +449,10 @@ def transformer_config(
             :func:`megaglm.models.glm.spec.select_backend`.
 
     Raises:
-        ValueError: unknown ``precision.params_dtype``; FP8 without Transformer Engine on CUDA; bad
-            recompute settings; or megatron-core's own checks (e.g. heads not divisible by TP).
+        ValueError: unknown ``precision.params_dtype``; FP8 without Transformer Engine on CUDA (or on a
+            GPU that lacks the recipe); a sequence length FP8 cannot run; a fusion, comm overlap or CUDA
+            graph asked for where it cannot run; bad recompute settings; or megatron-core's own checks
+            (e.g. heads not divisible by TP).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -233,17 +468,7 @@ def transformer_config(
     vpp = parallel_cfg.virtual_pipeline_model_parallel_size
     vpp = int(vpp) if (vpp is not None and pp > 1 and int(vpp) > 1) else None
 
-    fusions = dict(
-        bias_activation_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
-        # megatron's fused softmax kernels are separate CUDA extensions (Megatron-LM / Apex builds)
-        masked_softmax_fusion=(not on_cpu)
-        and _importable("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"),
-        persist_layer_norm=False,  # only for Apex LayerNorm; GLM uses RMSNorm
-        gradient_accumulation_fusion=(not on_cpu) and _importable("fused_weight_gradient_mlp_cuda"),
-        apply_rope_fusion=(not on_cpu) and backend == "te" and _te_at_least("2.3.0"),
-        cross_entropy_loss_fusion=not on_cpu,
-    )
+    fusions = _fusion_fields(train_cfg, device_type, backend)
 
     kwargs = dict(
         # architecture
@@ -286,7 +511,10 @@ def transformer_config(
         deallocate_pipeline_outputs=True,
         **fusions,
     )
-    kwargs.update(_fp8_fields(precision_cfg, device_type))
+    kwargs.update(_fp8_fields(precision_cfg, device_type, model_cfg, parallel_cfg))
+    kwargs.update(_perf_fields(parallel_cfg, train_cfg, device_type, backend))
+    if train_cfg is not None:
+        check_fp8_seq_length(precision_cfg, parallel_cfg, int(train_cfg.seq_length))
     kwargs.update(_recompute_fields(train_cfg))
     kwargs.update(_context_fields(model_cfg, parallel_cfg, backend))
     config = TransformerConfig(**kwargs)
@@ -442,6 +670,9 @@ def build_model_chunks(
     interleaved schedule (``get_forward_backward_func``) expects as ``model``.
     """
     config = transformer_config(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type)
+    if config.tp_comm_overlap:  # TE userbuffers must exist before the TE layers are built
+        initialize_tp_comm_overlap(config, int(train_cfg.seq_length if train_cfg else model_cfg.seq_length),
+                                   int(train_cfg.micro_batch_size if train_cfg else 1))
     vpp = config.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))
     return [
