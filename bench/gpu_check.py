@@ -201,10 +201,15 @@ def _version_ok(version: str, spec: str) -> bool:
 def tree_bytes(repo: Path) -> int:
     """Bytes of what the device tool sends without ``carry``: tracked and untracked-not-ignored files,
     plus ``shared/`` inside the checkout."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True,
-                         check=True).stdout.decode()
+    r = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True)
+    if r.returncode == 0:
+        files = list(filter(None, r.stdout.decode().split("\0")))
+    else:  # not a git checkout: every file but the usual ignored folders
+        skip = {".git", ".venv", "__pycache__", "runs", "outputs", "data_cache", ".pytest_cache", "wheels"}
+        files = [str(p.relative_to(repo)) for p in repo.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(repo).parts)]
     seen, total = set(), 0
-    for rel in filter(None, out.split("\0")):
+    for rel in files:
         p = repo / rel
         if p.is_file() and not p.is_symlink():
             seen.add(p.resolve())
@@ -342,7 +347,9 @@ def check_plan(repo: Path = REPO, wheels_dir: Optional[Path] = None, imports: bo
                         "missing: " + ", ".join(absent) if absent else "pip install --no-index --find-links ..."))
     cmd = DEVICE_RUN["command"]
     carry = DEVICE_RUN["carry"]
-    ignored = all(subprocess.run(["git", "check-ignore", "-q", c], cwd=repo).returncode == 0 for c in carry)
+    in_git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo, capture_output=True).returncode == 0
+    ignored = (not in_git) or all(subprocess.run(["git", "check-ignore", "-q", c], cwd=repo).returncode == 0
+                                  for c in carry)
     ok = (len(cmd) <= 2000 and len(carry) <= 8 and all(len(c) <= 200 for c in carry) and ignored
           and 1 <= DEVICE_RUN["timeout_s"] <= 600 and DEVICE_RUN["timeout_s"] >= RUN_BUDGET_S + 60
           and bool(shlex.split(cmd)))
