@@ -253,6 +253,9 @@ class StageConfig:
     load_optimizer: bool = False  # carry optimizer + LR schedule + iteration from the previous stage
     description: str = ""
     eval: StageEvalConfig = field(default_factory=StageEvalConfig)
+    # Per-stage overrides from the command line (command-line overrides otherwise apply to every stage):
+    # "STAGE:KEY=VALUE" items, e.g. "stage.overrides=['tiny_4k:data.blend=[/data/long_text_document]']"
+    overrides: list[str] = field(default_factory=list)
     parent_checkpoint: Optional[str] = None  # set by the runner: previous stage's final checkpoint
 
 

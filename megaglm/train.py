@@ -472,8 +472,11 @@ def _run(cfg: DictConfig) -> int:
         return EXIT_USER_ERROR
     from megaglm.training.trainer import pretrain
 
+    run = pretrain
+    if cfg.get("stage") is not None and cfg.stage.get("name"):  # a staged schedule (conf/stage/)
+        from megaglm.training.stages import run_schedule as run
     try:
-        result = pretrain(cfg)
+        result = run(cfg)
     except _USER_ERRORS as err:
         if _full_error():
             raise

@@ -20,6 +20,7 @@ from megaglm.training.flops import step_throughput
 from megaglm.training.loss import masked_token_loss
 from megaglm.training.metrics import MetricsLogger
 from megaglm.training.optim import build_optimizer, build_scheduler
+from megaglm.training.stages import stage_lineage
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,8 @@ def pretrain(cfg: DictConfig, on_step: Optional[Callable[[int], None]] = None) -
             path = save_checkpoint(cfg.checkpoint.save_dir, it, model, optimizer, scheduler,
                                    consumed_train_samples=train_it.consumed_samples,
                                    consumed_valid_samples=consumed_valid, model_config=model_cfg_dict,
-                                   run_config_yaml=run_yaml, keep_last=cfg.checkpoint.keep_last)
+                                   run_config_yaml=run_yaml, keep_last=cfg.checkpoint.keep_last,
+                                   lineage=stage_lineage(cfg, it))
             result.last_checkpoint = str(path)
             logger.text(f"saved checkpoint {path}")
 
