@@ -704,8 +704,9 @@ def build_sft_data(cfg: Any, tokenizer: Any, data_parallel_rank: int = 0, data_p
     if ranges[1][1] > ranges[1][0]:
         valid_table = prepare_sequences(src, seq_length, data.overlong, np.arange(*ranges[1]))
         stats["valid"] = valid_table.stats
-        if len(valid_table):
-            valid = SFTDataset(src, valid_table, fixed_row_length=True, **common)
+        if len(valid_table):  # rows of seq_length (the loss does not depend on the batching)
+            valid_common = dict(common, batching="pack" if data.batching == "pack" else "naive")
+            valid = SFTDataset(src, valid_table, fixed_row_length=True, **valid_common)
 
     def make_iterator(ds: SFTDataset, consumed: int) -> SFTBatchIterator:
         return SFTBatchIterator(ds, b, G, data_parallel_rank, data_parallel_size, consumed)

@@ -147,3 +147,18 @@ def test_other_tokenizer_is_refused(tmp_path, tok):
     manifest.write_text(json.dumps(m))
     with pytest.raises(SFTDataError, match="tokenized with 'glm4:0123'"):
         ChatSource.from_prefixes([str(tmp_path / "c")], tok)
+
+
+def test_sorted_batching_with_a_small_validation_split(tmp_path, tok):
+    src = write(tmp_path / "chat.jsonl", GOOD * 4)  # 12 conversations: 9 train, 3 valid
+    prefix = str(tmp_path / "c")
+    preprocess_chat([src], prefix, tok)
+    cfg = _run_cfg(prefix, batching="sort")
+    cfg.data.split = "75,25,0"
+    cfg.train.seq_length = 64
+    cfg.train.global_batch_size = 4
+    sft = build_sft_data(cfg, tok)
+    assert sft.train.batching == "sort" and len(sft.train) == 8  # two buckets of 4 per epoch
+    assert sft.valid is not None and sft.valid.batching == "naive" and sft.valid.row_length(0) == 64
+    batch = next(sft.make_iterator(sft.valid, 0))
+    assert batch["tokens"].shape == (1, 64) and int(batch["loss_count"]) == 1
