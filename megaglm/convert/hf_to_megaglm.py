@@ -249,7 +249,8 @@ def import_on_current_ranks(job: ImportJob) -> None:
     """Write this rank's part of the checkpoint (every rank of the current gloo world calls this).
 
     The world must be a multiple of ``tp x pp`` (extra ranks are data-parallel replicas; they save
-    nothing megatron does not dedupe). Sets up megatron's model-parallel groups itself.
+    nothing megatron does not dedupe). Sets up megatron's model-parallel groups itself (replacing any) and
+    tears them down at the end.
 
     Raises:
         ConversionError: a tensor does not fit the model megatron builds (should have been caught by the
@@ -264,9 +265,13 @@ def import_on_current_ranks(job: ImportJob) -> None:
     from megaglm.parallel.init import init_model_parallel
     from megaglm.training.checkpointing import save_checkpoint
 
+    from megatron.core import parallel_state as ps
+
     rank = dist.get_rank()
     parallel = ParallelConfig(tensor_model_parallel_size=job.tp, pipeline_model_parallel_size=job.pp,
                               virtual_pipeline_model_parallel_size=job.vpp)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
     init_model_parallel(parallel, 0)
     model_cfg = model_config_from_dict(job.model)
     precision = PrecisionConfig(name=job.params_dtype, params_dtype=job.params_dtype)
@@ -321,6 +326,7 @@ def import_on_current_ranks(job: ImportJob) -> None:
                         run_config_yaml=job.run_config_yaml, lineage=job.lineage)
     dist.barrier()
     shutil.rmtree(stage_dir, ignore_errors=True)
+    ps.destroy_model_parallel()
     if job.stats_dir:
         rep = probe.report()
         rep.update({"rank": rank, "baseline_rss_mib": baseline.get("VmRSS", 0) / 1024,

@@ -156,7 +156,8 @@ def plan_reshard(input: str | os.PathLike, tensor_model_parallel_size: int = 1,
 
 def reshard_on_current_ranks(job: ReshardJob) -> None:
     """Load ``job.iter_dir`` at the job's layout on the current gloo world (size TP x PP x DP) and save
-    it under ``job.save_dir``. Every rank calls this; it sets up megatron's groups itself.
+    it under ``job.save_dir``. Every rank calls this; it sets up megatron's groups itself (replacing any)
+    and tears them down at the end.
 
     Raises:
         CheckpointMismatchError / ConversionError: the checkpoint does not load at this layout.
@@ -174,6 +175,10 @@ def reshard_on_current_ranks(job: ReshardJob) -> None:
                               virtual_pipeline_model_parallel_size=job.vpp,
                               use_distributed_optimizer=job.use_distributed_optimizer)
     train = TrainConfig(**job.train)
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
     init_model_parallel(parallel, train.seed)
     model_cfg = model_config_from_dict(job.model)
     precision = PrecisionConfig(name=job.params_dtype, params_dtype=job.params_dtype)
@@ -203,6 +208,7 @@ def reshard_on_current_ranks(job: ReshardJob) -> None:
     save_checkpoint(job.save_dir, job.iteration, model, optimizer, scheduler,
                     consumed_train_samples=consumed_train, consumed_valid_samples=consumed_valid,
                     model_config=job.model, run_config_yaml=job.run_config_yaml, lineage=job.lineage)
+    ps.destroy_model_parallel()
 
 
 def reshard(input: str | os.PathLike, output: str | os.PathLike, tensor_model_parallel_size: int = 1,
