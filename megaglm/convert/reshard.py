@@ -79,6 +79,32 @@ def _section(base, name: str, cls):
     return cls(**raw)
 
 
+def _check_optimizer_format(src_dist: bool, dst_dist: bool) -> None:
+    """Refuse optimizer-state reshards megatron-core 0.16.1 cannot load.
+
+    Its ``DistributedOptimizer`` state is the ``fully_reshardable`` format, which only a distributed optimizer
+    loads (and the other way round); and without Transformer Engine / Apex (torch's Adam, i.e. CPU runs) a
+    distributed optimizer cannot load any checkpoint: ``state_dict()`` needs a 'step' a fresh optimizer lacks,
+    and ``load_parameter_state_from_fully_reshardable`` has no source for the 'step' it copies (KeyError).
+
+    Raises:
+        ConversionError: naming the option to use instead.
+    """
+    if src_dist != dst_dist:
+        raise ConversionError(
+            f"the checkpoint's optimizer state was written {'with' if src_dist else 'without'} the distributed "
+            "optimizer; it cannot be loaded "
+            f"{'without' if src_dist else 'with'} it. Keep the setting, or pass --no-optimizer (weights only)")
+    if dst_dist:
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+        if not HAVE_APEX_OR_TE:
+            raise ConversionError(
+                "this checkpoint holds distributed-optimizer state, and megatron-core 0.16.1 cannot load that into "
+                "torch's Adam (no Transformer Engine / Apex here); pass --no-optimizer to reshard the weights, or "
+                "reshard on a machine with Transformer Engine")
+
+
 def plan_reshard(input: str | os.PathLike, tensor_model_parallel_size: int = 1,
                  pipeline_model_parallel_size: int = 1,
                  virtual_pipeline_model_parallel_size: Optional[int] = None, data_parallel_size: int = 1,
@@ -135,6 +161,8 @@ def plan_reshard(input: str | os.PathLike, tensor_model_parallel_size: int = 1,
                               f"rows; use a TP that divides {rows}")
     has_optimizer = any(k.startswith("optimizer.") for k in index)
     keep_opt = bool(with_optimizer and has_optimizer)
+    if keep_opt:
+        _check_optimizer_format(src_parallel.use_distributed_optimizer, dist_opt)
     lineage = list(meta.get("lineage") or [])
     lineage.append({"op": "reshard", "source": str(iter_dir.resolve()), "from_layout": meta.get("layout"),
                     "to_layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
