@@ -43,6 +43,7 @@ __all__ = [
     "run_ranks",
     "cpu_ranks",
     "MemoryProbe",
+    "return_freed_memory",
     "suggest_model_overrides",
     "run_config_yaml",
 ]
@@ -317,6 +318,26 @@ def run_ranks(fn: Callable, args: tuple, world: int) -> None:
             raise RuntimeError(f"a rank failed: {exc}") from None
 
 
+def return_freed_memory() -> bool:
+    """Make glibc hand large freed blocks back to the OS at once (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``).
+
+    The tools allocate and free one large tensor after another. glibc's default *dynamic* mmap threshold
+    rises to the size of the largest block freed (up to 32 MiB), after which such tensors come from the heap,
+    where freed space fragments and the process's resident memory creeps up towards the model size
+    (measured: +235 MiB converting a 490 MB model, against +53 MiB with this setting; the largest tensor is
+    50 MB). A fixed threshold keeps every block >= 1 MiB in its own mapping, returned on free. Process-wide;
+    a no-op (False) where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 class MemoryProbe:
     """Peak resident memory of this process: ``VmHWM`` (all resident pages, incl. file-backed ones such
     as memory-mapped files) and a sampled peak of ``RssAnon`` (anonymous memory: what cannot be paged
@@ -329,6 +350,7 @@ class MemoryProbe:
         self.interval_s = interval_s
         self.peak_anon_kb = 0
         self.start_anon_kb = 0
+        self.start_rss_kb = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -351,7 +373,9 @@ class MemoryProbe:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> "MemoryProbe":
-        self.start_anon_kb = self._status().get("RssAnon", 0)
+        status = self._status()
+        self.start_anon_kb = status.get("RssAnon", 0)
+        self.start_rss_kb = status.get("VmRSS", 0)
         self.peak_anon_kb = self.start_anon_kb
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -365,4 +389,4 @@ class MemoryProbe:
     def report(self) -> dict[str, float]:
         s = self._status()
         return {"start_anon_mib": self.start_anon_kb / 1024, "peak_anon_mib": self.peak_anon_kb / 1024,
-                "peak_rss_mib": s.get("VmHWM", 0) / 1024}
+                "start_rss_mib": self.start_rss_kb / 1024, "peak_rss_mib": s.get("VmHWM", 0) / 1024}

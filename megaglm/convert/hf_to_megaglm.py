@@ -47,6 +47,7 @@ from megaglm.convert.common import (
     detect_format,
     join_layer,
     model_config_from_dict,
+    return_freed_memory,
     run_config_yaml,
     run_ranks,
     suggest_model_overrides,
@@ -267,6 +268,7 @@ def import_on_current_ranks(job: ImportJob) -> None:
 
     from megatron.core import parallel_state as ps
 
+    return_freed_memory()
     rank = dist.get_rank()
     parallel = ParallelConfig(tensor_model_parallel_size=job.tp, pipeline_model_parallel_size=job.pp,
                               virtual_pipeline_model_parallel_size=job.vpp)
@@ -279,6 +281,7 @@ def import_on_current_ranks(job: ImportJob) -> None:
     t0 = time.time()
     with torch.device("meta"):
         chunks = build_model_chunks(model_cfg, parallel, precision, job.padded_vocab_size, device_type="cpu")
+    t_built = time.time()
     fmt = FORMATS[job.format]
     stage_dir = Path(job.save_dir) / ".staging" / f"rank{rank}"
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -321,6 +324,7 @@ def import_on_current_ranks(job: ImportJob) -> None:
         if written != set(plan):
             missing = sorted(set(plan) - written)
             raise ConversionError(f"{len(missing)} tensor(s) of the plan were not written by any rank: {missing[:5]}")
+        t_save = time.time()
         save_checkpoint(job.save_dir, 0, [_StagedChunk(d) for d in dicts], None, None,
                         consumed_train_samples=0, consumed_valid_samples=0, model_config=job.model,
                         run_config_yaml=job.run_config_yaml, lineage=job.lineage)
@@ -330,7 +334,9 @@ def import_on_current_ranks(job: ImportJob) -> None:
     if job.stats_dir:
         rep = probe.report()
         rep.update({"rank": rank, "baseline_rss_mib": baseline.get("VmRSS", 0) / 1024,
-                    "staged_mib": staged_bytes / 2 ** 20, "seconds": time.time() - t0})
+                    "staged_mib": staged_bytes / 2 ** 20, "seconds": time.time() - t0,
+                    "build_seconds": t_built - t0, "stream_seconds": t_save - t_built,
+                    "save_seconds": time.time() - t_save})
         Path(job.stats_dir, f"import_rank{rank}.json").write_text(json.dumps(rep))
 
 

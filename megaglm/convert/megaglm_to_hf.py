@@ -33,6 +33,7 @@ from megaglm.convert.common import (
     model_config_from_dict,
     read_checkpoint_meta,
     resolve_checkpoint,
+    return_freed_memory,
     split_layer,
 )
 from megaglm.convert.errors import ConversionError
@@ -217,6 +218,7 @@ def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: s
     for m in plan:
         groups.setdefault(m.layer if m.layer is not None else ("head" if m.megatron.startswith("embedding")
                                                                  else "tail"), []).append(m)
+    return_freed_memory()
     probe = MemoryProbe() if measure else None
     strategy = TorchDistLoadShardedStrategy()
     with target as tmp, _OwnGroup():
