@@ -1,9 +1,15 @@
-"""Thin wrapper: `python ckpt_tools/inspect.py ...` = `megaglm-ckpt inspect ...`
-(logic in :mod:`megaglm.convert`)."""
+"""Thin wrapper: `python ckpt_tools/inspect.py ...` = `megaglm-ckpt inspect ...` (logic in :mod:`megaglm.convert`)."""
 
+import os
 import sys
 
-from megaglm.convert.cli import main
+# This directory holds an `inspect.py`, which must not shadow the standard library's `inspect` module:
+# drop it from the import path (Python puts a script's directory first) and use the repository root.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+from megaglm.convert.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["inspect", *sys.argv[1:]]))

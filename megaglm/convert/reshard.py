@@ -229,6 +229,10 @@ def reshard_on_current_ranks(job: ReshardJob) -> None:
         optimizer = build_optimizer(model, train, parallel, precision)
         scheduler = build_scheduler(optimizer, train)
     src = Path(job.iter_dir)
+    import logging
+
+    # load_checkpoint warns that the layout changed: that is the point here
+    logging.getLogger("megaglm.training.checkpointing").setLevel(logging.ERROR)
     res = load_checkpoint(str(src.parent), model, optimizer, scheduler, model_config=job.model,
                           load_optimizer=job.with_optimizer, load_rng=False, iteration=job.iteration)
     consumed_train = res.consumed_train_samples if job.with_optimizer else job.consumed_train_samples

@@ -117,6 +117,10 @@ def test_thudm_configs_map_to_presets_and_back(preset):
     for k, v in PUBLISHED[preset].items():
         assert written[k] == v, (k, written[k], v)
     assert thudm.model_config_from_thudm(written).rotary_base == want.rotary_base
+    # the converter tells users to train with exactly this preset, no overrides
+    from megaglm.convert.common import suggest_model_overrides
+
+    assert suggest_model_overrides(got) == [f"model={preset}"]
 
 
 @pytest.mark.parametrize("preset", ["glm4_9b", "glm4_9b_chat", "glm4_9b_chat_1m", "chatglm3_6b_128k"])
