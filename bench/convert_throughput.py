@@ -7,8 +7,9 @@
    hidden 768, 12 heads / 2 KV groups, FFN 2048, vocabulary 16384: ~123M parameters, ~490 MB);
 2. copies those files with ``shutil.copyfile`` (the baseline: the same bytes read and written once);
 3. ``hf-to-megaglm`` at TP1 and at TP2 (ranks spawned as by the CLI), recording per rank the peak
-   anonymous memory above the rank's baseline (imports + meta-device model), peak RSS (VmHWM, includes
-   file-backed pages of memory-mapped staging files) and the rank's own time;
+   anonymous memory above the rank's baseline (imports + meta-device model), its peak RSS (VmHWM), the
+   peak RSS of megatron's forked checkpoint-writer children (they read the memory-mapped staging files, so
+   it includes those page-cache pages) and the rank's own time (build / stream / save);
 4. ``megaglm-to-hf`` (one process, streamed) with the same figures;
 5. ``reshard`` TP2 -> TP1 (weights only; not streaming: each rank holds its model shard).
 
@@ -71,7 +72,8 @@ def _rank_stats(stats_dir: Path, prefix: str) -> list[dict]:
                     "baseline_rss_mib": round(r["baseline_rss_mib"], 1), "peak_rss_mib": round(r["peak_rss_mib"], 1),
                     "rank_seconds": round(r["seconds"], 2), "staged_mib": round(r["staged_mib"], 1),
                     "build_seconds": round(r["build_seconds"], 2), "stream_seconds": round(r["stream_seconds"], 2),
-                    "save_seconds": round(r["save_seconds"], 2)})
+                    "save_seconds": round(r["save_seconds"], 2),
+                    "writer_children_peak_rss_mib": round(r["children_peak_rss_mib"], 1)})
         f.unlink()
     return out
 

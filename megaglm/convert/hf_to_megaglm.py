@@ -209,6 +209,15 @@ class _StagedChunk:
         return self._sd
 
 
+def _children_peak_rss_kb() -> int:
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    except (ImportError, OSError):
+        return 0
+
+
 def _stage(tensor, path: Path):
     """Write ``tensor``'s bytes to ``path`` and return a read-only memory map of them (same shape, dtype)."""
     import torch
@@ -336,7 +345,10 @@ def import_on_current_ranks(job: ImportJob) -> None:
         rep.update({"rank": rank, "baseline_rss_mib": baseline.get("VmRSS", 0) / 1024,
                     "staged_mib": staged_bytes / 2 ** 20, "seconds": time.time() - t0,
                     "build_seconds": t_built - t0, "stream_seconds": t_save - t_built,
-                    "save_seconds": time.time() - t_save})
+                    "save_seconds": time.time() - t_save,
+                    # megatron's checkpoint writer runs in forked children; their resident peak includes
+                    # the page-cache pages of the memory-mapped staging files they read
+                    "children_peak_rss_mib": _children_peak_rss_kb() / 1024})
         Path(job.stats_dir, f"import_rank{rank}.json").write_text(json.dumps(rep))
 
 
