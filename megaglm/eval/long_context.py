@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from pathlib import Path
 from typing import Any, Optional, Sequence

@@ -19,7 +19,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.distributed.harness import REPO, launch, train_losses
