@@ -105,7 +105,8 @@ def main() -> None:
         total, largest, layer = _write_random_glm(tmp / "hf", args.layers, args.hidden, args.heads, args.groups,
                                                   args.head_dim, args.ffn, args.vocab, args.shard)
         mb = total / 1e6
-        print(f"model: {mb:.1f} MB of fp32 tensors, largest tensor {largest / 1e6:.1f} MB, one layer {layer / 1e6:.1f} MB")
+        print(f"model: {mb:.1f} MB of fp32 tensors, largest tensor {largest / 1e6:.1f} MB, "
+              f"one layer {layer / 1e6:.1f} MB")
         results: dict = {"model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
                                    "kv_groups": args.groups, "head_dim": args.head_dim, "ffn": args.ffn,
                                    "vocab": args.vocab, "dtype": "fp32", "tensor_mb": round(mb, 1),

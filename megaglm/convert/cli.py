@@ -118,8 +118,10 @@ def _run(args: argparse.Namespace) -> int:
         res = hf_to_megaglm(args.input, args.output, args.tensor_model_parallel_size,
                             args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size, args.dtype)
         mb = res.bytes_in / 2 ** 20
-        print(f"{PROG}: wrote {res.iteration_dir} ({res.format} -> megaglm, TP={res.layout['tensor_model_parallel_size']}"
-              f" PP={res.layout['pipeline_model_parallel_size']}, {res.params_dtype}, {mb:,.1f} MiB in "
+        lay = res.layout
+        print(f"{PROG}: wrote {res.iteration_dir} ({res.format} -> megaglm, "
+              f"TP={lay['tensor_model_parallel_size']} PP={lay['pipeline_model_parallel_size']}, "
+              f"{res.params_dtype}, {mb:,.1f} MiB in "
               f"{res.seconds:.1f} s)")
         print(f"{PROG}: train from it with: megaglm-train {' '.join(res.train_overrides)} "
               f"checkpoint.load_dir={res.output} checkpoint.load_optimizer=false")
@@ -128,8 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         from megaglm.convert.megaglm_to_hf import megaglm_to_hf
 
         res = megaglm_to_hf(args.input, args.output, args.format, args.max_shard_size, args.dtype, args.vocab_size)
-        print(f"{PROG}: wrote {res.output} ({res.format}, {len(res.files)} safetensors file(s), vocab {res.vocab_size}, "
-              f"{res.dtype}, {res.bytes_out / 2 ** 20:,.1f} MiB in {res.seconds:.1f} s)")
+        print(f"{PROG}: wrote {res.output} ({res.format}, {len(res.files)} safetensors file(s), "
+              f"vocab {res.vocab_size}, {res.dtype}, {res.bytes_out / 2 ** 20:,.1f} MiB in {res.seconds:.1f} s)")
         return 0
     from megaglm.convert.reshard import reshard
 

@@ -129,7 +129,8 @@ def format_report(report: dict[str, Any], max_tensors: int | None = None) -> str
     shown = tensors if max_tensors is None else tensors[:max_tensors]
     width = max([len(t["name"]) for t in shown] + [4])
     lines.append("")
-    lines.append(f"{'name':<{width}}  {'shape':<22} {'dtype':<9} {'size':>14}" + ("  chunks" if report["kind"] == "megaglm" else "  file"))
+    last = "  chunks" if report["kind"] == "megaglm" else "  file"
+    lines.append(f"{'name':<{width}}  {'shape':<22} {'dtype':<9} {'size':>14}" + last)
     for t in shown:
         tail = f"  {t['chunks']:>6}" if "chunks" in t else f"  {t.get('file', '')}"
         lines.append(f"{t['name']:<{width}}  {str(t['shape']):<22} {t['dtype']:<9} {_mib(t['bytes']):>14}" + tail)

@@ -142,7 +142,8 @@ def plan_reshard(input: str | os.PathLike, tensor_model_parallel_size: int = 1,
     src_parallel = _section(base, "parallel", ParallelConfig)
     precision = _section(base, "precision", PrecisionConfig)
     train = _section(base, "train", TrainConfig)
-    dist_opt = src_parallel.use_distributed_optimizer if use_distributed_optimizer is None else bool(use_distributed_optimizer)
+    dist_opt = (src_parallel.use_distributed_optimizer if use_distributed_optimizer is None
+                else bool(use_distributed_optimizer))
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               virtual_pipeline_model_parallel_size=vpp, use_distributed_optimizer=dist_opt)
     try:

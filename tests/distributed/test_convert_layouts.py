@@ -26,7 +26,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_convert import assert_parity, glm_config, glm_state, random_glm, read_safetensors_dir, save_glm  # noqa: E402
+from helpers_convert import (  # noqa: E402
+    assert_parity, glm_config, glm_state, random_glm, read_safetensors_dir, save_glm)
 
 from tests.distributed.harness import REPO, common_overrides, launch, plain_tensors  # noqa: E402
 
