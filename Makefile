@@ -22,7 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/megaglm-train run.output_dir=$(RUN_DIR) $(ARGS)
 
-test: $(STAMP)
+# The test suite also runs the Ray launcher's tests: it installs the `ray` extra (once).
+RAY_STAMP := $(VENV)/.megaglm-ray-installed
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,ray]'
+	touch $(RAY_STAMP)
+
+test: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
