@@ -168,6 +168,69 @@ def _sharded_state(model_chunks, optimizer, scheduler, is_loading: bool, with_op
     return state
 
 
+def _prime_optimizer_state(optimizer) -> None:
+    """Let a distributed optimizer over torch's AdamW load a checkpoint (megatron-core 0.16.1 without
+    Transformer Engine / Apex, i.e. every CPU run).
+
+    Two gaps in that path are bridged, per optimizer instance:
+
+    1. ``DistributedOptimizer.state_dict()`` reads ``state[p]["step"]`` of the inner AdamW, and
+       megatron's loading path calls it on a fresh optimizer whose state is empty (an assertion
+       fails). Zeros with ``step=0`` stand in until the checkpoint's values are loaded over them.
+    2. Loading the ``fully_reshardable`` format copies every key of the destination state from the
+       source shard, but the source has no ``step`` (megatron restores it separately, from the param
+       groups), so a ``KeyError`` follows. ``step`` is held aside during that copy and put back.
+    """
+    try:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    except ImportError:  # pragma: no cover
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or type(inner) not in (torch.optim.AdamW,
+                                                                             torch.optim.Adam):
+            continue
+        if len(inner.state) == 0:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                    state["step"] = torch.tensor(0.0)
+        if getattr(opt, "_megaglm_step_bridge", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _opt=opt, _original=original):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state[main_param]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                _original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states
+        opt._megaglm_step_bridge = True
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own AdamW ``step`` tensor after a distributed-optimizer load.
+
+    megatron-core 0.16.1's non-TE load path assigns one ``step`` tensor object to every parameter's
+    state; torch's AdamW increments ``step`` in place per parameter, so a shared tensor would advance
+    by the number of parameters each iteration and bias-correct every later update wrongly.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].detach().clone()
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -274,6 +337,8 @@ def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, *, model_
     check_model_config(meta.get("model", {}), model_config, str(path))
     same_layout = meta.get("layout") == _layout()
     with_rng = load_rng and same_layout and load_optimizer
+    if load_optimizer and optimizer is not None:
+        _prime_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, scheduler, is_loading=True,
                            with_optimizer=load_optimizer, with_rng=with_rng)
     loaded = dist_checkpointing.load(state, str(path))
@@ -284,6 +349,7 @@ def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, *, model_
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
         if scheduler is not None and "opt_param_scheduler" in loaded:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     elif optimizer is not None:

@@ -9,9 +9,13 @@ from tests.distributed.harness import common_overrides, launch, plain_tensors, t
 pytestmark = pytest.mark.distributed
 
 
-def test_stop_and_resume_is_bitwise(text_dataset, tmp_path):
-    layout = {"parallel.tensor_model_parallel_size": 2, "train.train_iters": 6,
-              "checkpoint.save_interval": 3}
+@pytest.mark.parametrize("layout_name,layout_overrides", [
+    ("tp2", {"parallel.tensor_model_parallel_size": 2}),
+    # the distributed optimizer over torch AdamW needs megaglm's bridges in checkpointing.py
+    ("dp2_distopt", {"parallel.use_distributed_optimizer": "true"}),
+])
+def test_stop_and_resume_is_bitwise(layout_name, layout_overrides, text_dataset, tmp_path):
+    layout = {**layout_overrides, "train.train_iters": 6, "checkpoint.save_interval": 3}
     full, split = tmp_path / "full", tmp_path / "split"
     launch(2, common_overrides(text_dataset, full, **layout))
     first = launch(2, common_overrides(text_dataset, split, **layout, **{"train.exit_after_iters": 3}))
