@@ -132,9 +132,10 @@ def _finish(client, job_id: str) -> int:
         print(f"{PROG}: job {job_id} succeeded", flush=True)
         return 0
     errors = _job_error_lines(client.get_job_logs(job_id))
-    detail = errors[-1][len(f"{PROG}: error: "):] if errors else (info.message or "").strip().splitlines()[0:1]
-    if isinstance(detail, list):
-        detail = detail[0] if detail else ""
+    if errors:  # the driver's own one-line report (a worker's message, or why it gave up)
+        detail = errors[-1][len(f"{PROG}: error: "):]
+    else:  # the driver did not get to report (killed, crashed): what Ray says
+        detail = next(iter((info.message or "").strip().splitlines()), "")
     print(f"{PROG}: error: job {job_id} {status.lower()} (exit status {code}): {detail}", file=sys.stderr,
           flush=True)
     return code
@@ -238,7 +239,8 @@ def cmd_list(args) -> int:
     if client is None:
         return _error(why)
     for job in client.list_jobs():
-        print(f"{job.submission_id or job.job_id}\t{getattr(job.status, 'value', job.status)}\t{job.entrypoint}")
+        status = getattr(job.status, "value", job.status)
+        print(f"{job.submission_id or job.job_id}\t{status}\t{job.entrypoint}")
     return 0
 
 
@@ -287,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif overrides:
         code = _error(f"{args.command} takes no overrides (they go after `submit --`)", 2)
     else:
-        code = {"status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list}[args.command](args)
+        commands = {"status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list}
+        code = commands[args.command](args)
     sys.exit(code)
 
 

@@ -48,7 +48,8 @@ class RayLauncherConfig:
         master_port: rank 0's rendezvous port; ``null``: a free port found on rank 0's node.
         workdir: directory the driver and every worker run in (relative paths in the run config resolve
             there); ``null``: the job's own working directory.
-        env: extra environment variables for every worker; add one with ``+launcher.env.NAME=VALUE`` (``NCCL_*``, ``GLOO_SOCKET_IFNAME`` ...).
+        env: extra environment variables for every worker (``NCCL_*``, ``GLOO_SOCKET_IFNAME`` ...); add
+            one with ``+launcher.env.NAME=VALUE``.
         worker_setup_hook: ``module:function`` called in each worker before it trains, with keyword
             arguments ``rank``, ``world_size``, ``attempt``; for logging setup or fault injection.
         poll_interval_s: how often the driver checks on the workers.

@@ -207,7 +207,8 @@ def master_address(slots: Sequence[RankSlot]) -> str:
     return next(s.node_ip for s in slots if s.rank == 0)
 
 
-def assign_devices(slots: Sequence[RankSlot], gpu_ids: Sequence[Sequence[Any]]) -> list[tuple[Optional[str], int]]:
+def assign_devices(slots: Sequence[RankSlot],
+                   gpu_ids: Sequence[Sequence[Any]]) -> list[tuple[Optional[str], int]]:
     """``(CUDA_VISIBLE_DEVICES, device index)`` for each bundle.
 
     Args:

@@ -282,7 +282,8 @@ def test_sigkill_mid_run_restarts_from_checkpoint(ray_cluster, reference, text_d
             os.kill(pid, signal.SIGKILL)
             t_kill = time.monotonic()
             break
-        assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-4000:]
+        status = str(client.get_job_status(job).value)
+        assert status in ("PENDING", "RUNNING"), client.get_job_logs(job)[-4000:]
         time.sleep(0.2)
     assert pid is not None, "iteration 3 never came"
     status, logs = wait_job(ray_cluster, job)
