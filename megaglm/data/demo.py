@@ -87,7 +87,9 @@ def _is_complete(d: Path) -> bool:
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` body, so
+    several processes building the same cached dataset take turns."""
     with open(path, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -100,7 +102,7 @@ def _build_locked(final: Path, tokenizer: Any, extra_paths: Sequence[PathLike]) 
     from megaglm.data.preprocess import preprocess
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _flock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock"):
         if _is_complete(final):
             return
         # we hold the lock: leftovers of a crashed build are stale

@@ -177,9 +177,15 @@ def _utf8_error(path: Path, err: UnicodeDecodeError, base_offset: int, lineno: O
     )
 
 
-def _iter_jsonl(
-    path: Path, json_key: str, skip_bad_lines: bool, skips: _Skips, progress: Any
-) -> Iterator[str]:
+def iter_utf8_lines(path: Path, progress: Any = None) -> Iterator[tuple[int, str]]:
+    """Yield ``(line number, text)`` for each line of a UTF-8 file (a leading BOM is dropped).
+
+    Args:
+        progress: optional tqdm bar advanced by each line's size in bytes.
+
+    Raises:
+        PreprocessError: a line is not valid UTF-8 (names the file, byte offset and line).
+    """
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -190,42 +196,47 @@ def _iter_jsonl(
             offset += len(raw)
             if progress is not None:
                 progress.update(len(raw))
-            if lineno == 1:
-                line = line.lstrip("\ufeff")
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                skips.add("blank line", where)
-                continue
-            problem = None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problem = ("malformed JSON", f"malformed JSON ({err.msg} at column {err.colno})")
-            else:
-                if not isinstance(obj, dict):
-                    problem = ("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
-                elif json_key not in obj:
-                    problem = (
-                        f"missing key {json_key!r}",
-                        f"key {json_key!r} is missing (keys: {sorted(obj)[:10]}); choose the key with --json-key",
-                    )
-                elif not isinstance(obj[json_key], str):
-                    problem = (
-                        f"{json_key!r} is not a string",
-                        f"{json_key!r} is {type(obj[json_key]).__name__}, not a string",
-                    )
-            if problem is not None:
-                if skip_bad_lines:
-                    skips.add(problem[0], where)
-                    continue
-                raise PreprocessError(
-                    f"{where}: {problem[1]}. Fix the line, or pass --skip-bad-lines to skip such lines."
+            yield lineno, (line.lstrip("\ufeff") if lineno == 1 else line)
+
+
+def _iter_jsonl(
+    path: Path, json_key: str, skip_bad_lines: bool, skips: _Skips, progress: Any
+) -> Iterator[str]:
+    for lineno, line in iter_utf8_lines(path, progress):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            skips.add("blank line", where)
+            continue
+        problem = None
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            problem = ("malformed JSON", f"malformed JSON ({err.msg} at column {err.colno})")
+        else:
+            if not isinstance(obj, dict):
+                problem = ("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
+            elif json_key not in obj:
+                problem = (
+                    f"missing key {json_key!r}",
+                    f"key {json_key!r} is missing (keys: {sorted(obj)[:10]}); choose the key with --json-key",
                 )
-            text = obj[json_key]
-            if not text.strip():
-                skips.add("empty document", where)
+            elif not isinstance(obj[json_key], str):
+                problem = (
+                    f"{json_key!r} is not a string",
+                    f"{json_key!r} is {type(obj[json_key]).__name__}, not a string",
+                )
+        if problem is not None:
+            if skip_bad_lines:
+                skips.add(problem[0], where)
                 continue
-            yield text
+            raise PreprocessError(
+                f"{where}: {problem[1]}. Fix the line, or pass --skip-bad-lines to skip such lines."
+            )
+        text = obj[json_key]
+        if not text.strip():
+            skips.add("empty document", where)
+            continue
+        yield text
 
 
 def _read_text_file(path: Path, skips: _Skips, progress: Any) -> Iterator[str]:

@@ -26,7 +26,6 @@ conversations (see :func:`main`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -35,11 +34,12 @@ import random
 import sys
 import sysconfig
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from megaglm.data.demo import file_lock
 
 __all__ = [
     "DEMO_FORMAT_VERSION",
@@ -224,16 +224,6 @@ def build_demo_conversations(out_jsonl: Path, tokenizer: Any, n: int = 2000, max
     return counts
 
 
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def sft_demo_dir(cache_dir: str, tokenizer: Any, n: int, max_tokens: int, seed: int) -> Path:
     """Where the demo dataset for these settings lives (keyed by everything its content depends on)."""
     material = {"format": DEMO_FORMAT_VERSION, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"],
@@ -257,7 +247,7 @@ def ensure_sft_demo_dataset(cache_dir: str, tokenizer: Any, n: int = 2000, max_t
         from megaglm.data.sft_preprocess import preprocess_chat
 
         final.parent.mkdir(parents=True, exist_ok=True)
-        with _flock(final.parent / f".{final.name}.lock"):
+        with file_lock(final.parent / f".{final.name}.lock"):
             if complete():
                 return
             tmp = final.parent / f".{final.name}.tmp{os.getpid()}"

@@ -32,7 +32,7 @@ import numpy as np
 
 from megaglm.data.chat import DEFAULT_END_TOKEN, ChatFormatError, render_chat
 from megaglm.data.preprocess import (PreprocessError, PreprocessSummary, _Skips, _strip_suffix,
-                                     _utf8_error, collect_input_files)
+                                     collect_input_files, iter_utf8_lines)
 from megaglm.data.sft import CHAT_FORMAT_VERSION, MANIFEST_SUFFIX, OVERLONG_POLICIES, TARGETS_SUFFIX
 
 __all__ = ["ChatPreprocessSummary", "preprocess_chat", "iter_chat_jsonl"]
@@ -71,33 +71,24 @@ def iter_chat_jsonl(path: Path, json_key: str = "messages"):
     Raises:
         PreprocessError: the file is not UTF-8 (names the byte offset and line).
     """
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise _utf8_error(path, err, offset, lineno) from None
-            offset += len(raw)
-            if lineno == 1:
-                line = line.lstrip("\ufeff")
-            if not line.strip():
-                yield lineno, None, ("blank line", None)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield lineno, None, ("invalid JSON", f"invalid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield lineno, None, ("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            if json_key not in obj:
-                yield lineno, None, (f"missing key {json_key!r}",
-                                     f"key {json_key!r} is missing (keys: {sorted(obj)[:10]}); "
-                                     "choose the key with --json-key")
-                continue
-            yield lineno, obj[json_key], None
+    for lineno, line in iter_utf8_lines(path):
+        if not line.strip():
+            yield lineno, None, ("blank line", None)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield lineno, None, ("invalid JSON", f"invalid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield lineno, None, ("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        if json_key not in obj:
+            yield lineno, None, (f"missing key {json_key!r}",
+                                 f"key {json_key!r} is missing (keys: {sorted(obj)[:10]}); "
+                                 "choose the key with --json-key")
+            continue
+        yield lineno, obj[json_key], None
 
 
 def preprocess_chat(
