@@ -176,6 +176,36 @@ class AtomicOutput:
         os.rename(self.tmp, self.final)
 
 
+@contextlib.contextmanager
+def collective_atomic_output(final: str | os.PathLike, drop_before_publish: tuple[str, ...] = ()):
+    """:class:`AtomicOutput` for ranks that already form a ``torch.distributed`` group.
+
+    Every rank enters; rank 0 creates the hidden directory, all ranks write into the yielded path, and
+    when every rank has finished rank 0 removes the ``drop_before_publish`` entries (scratch files) and
+    renames the directory into place. On an exception rank 0 removes the partial output.
+    """
+    import torch.distributed as dist
+
+    target = AtomicOutput(final, tmp_name=f".{Path(final).name}.partial")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(target.tmp, ignore_errors=True)
+        target.tmp.mkdir()
+    dist.barrier()
+    try:
+        yield target.tmp
+    except BaseException:
+        if rank0:
+            shutil.rmtree(target.tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    if rank0:
+        for name in drop_before_publish:
+            shutil.rmtree(target.tmp / name, ignore_errors=True)
+        target.publish()
+    dist.barrier()
+
+
 def suggest_model_overrides(model_cfg) -> list[str]:
     """Hydra overrides that make ``megaglm-train`` build this model: ``model=<closest preset>`` plus
     ``model.<field>=<value>`` for the fields that differ from it (none when a preset matches)."""

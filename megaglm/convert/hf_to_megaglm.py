@@ -43,6 +43,7 @@ from typing import Optional
 from megaglm.convert.common import (
     FORMATS,
     AtomicOutput,
+    collective_atomic_output,
     MemoryProbe,
     detect_format,
     join_layer,
@@ -398,26 +399,9 @@ def hf_to_megaglm(input: str | os.PathLike, output: str | os.PathLike, tensor_mo
             run_ranks(_spawned_worker, (job,), world=job.tp * job.pp)
             shutil.rmtree(tmp / ".staging", ignore_errors=True)
     elif launcher == "current":
-        import torch.distributed as dist
-
-        target = AtomicOutput(out, tmp_name=f".{out.name}.partial")
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            shutil.rmtree(target.tmp, ignore_errors=True)
-            target.tmp.mkdir()
-        dist.barrier()
-        job.save_dir = str(target.tmp)
-        try:
+        with collective_atomic_output(out, drop_before_publish=(".staging",)) as tmp:
+            job.save_dir = str(tmp)
             import_on_current_ranks(job)
-        except BaseException:
-            if rank0:
-                shutil.rmtree(target.tmp, ignore_errors=True)
-            raise
-        dist.barrier()
-        if rank0:
-            shutil.rmtree(target.tmp / ".staging", ignore_errors=True)
-            target.publish()
-        dist.barrier()
     else:
         raise ValueError(f"launcher={launcher!r}: expected 'spawn' or 'current'")
     layout = {"tensor_model_parallel_size": job.tp, "pipeline_model_parallel_size": job.pp,

@@ -24,6 +24,7 @@ from typing import Optional
 
 from megaglm.convert.common import (
     AtomicOutput,
+    collective_atomic_output,
     model_config_from_dict,
     read_checkpoint_meta,
     resolve_checkpoint,
@@ -275,22 +276,9 @@ def reshard(input: str | os.PathLike, output: str | os.PathLike, tensor_model_pa
             job.save_dir = str(tmp)
             run_ranks(reshard_on_current_ranks, (job,), world=job.tp * job.pp * job.dp)
     elif launcher == "current":
-        import shutil
-
-        import torch.distributed as dist
-
-        target = AtomicOutput(out, tmp_name=f".{out.name}.partial")
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            shutil.rmtree(target.tmp, ignore_errors=True)
-            target.tmp.mkdir()
-        dist.barrier()
-        job.save_dir = str(target.tmp)
-        reshard_on_current_ranks(job)
-        dist.barrier()
-        if rank0:
-            target.publish()
-        dist.barrier()
+        with collective_atomic_output(out) as tmp:
+            job.save_dir = str(tmp)
+            reshard_on_current_ranks(job)
     else:
         raise ValueError(f"launcher={launcher!r}: expected 'spawn' or 'current'")
     layout = {"tensor_model_parallel_size": job.tp, "pipeline_model_parallel_size": job.pp,
