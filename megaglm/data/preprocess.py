@@ -158,15 +158,21 @@ def collect_input_files(inputs: Sequence[PathLike]) -> list[Path]:
 
 
 class _Skips:
-    def __init__(self) -> None:
+    """Counts of skipped lines / files by reason, the first few ``file:line`` of each, and an optional
+    ``sink(reason, where, detail)`` called for every one (the data recipe's side files)."""
+
+    def __init__(self, sink: Any = None) -> None:
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.sink = sink
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < _EXAMPLES_PER_REASON:
             ex.append(where)
+        if self.sink is not None:
+            self.sink(reason, where, detail)
 
 
 def _utf8_error(path: Path, err: UnicodeDecodeError, base_offset: int, lineno: Optional[int]) -> PreprocessError:
@@ -199,11 +205,56 @@ def iter_utf8_lines(path: Path, progress: Any = None) -> Iterator[tuple[int, str
             yield lineno, (line.lstrip("\ufeff") if lineno == 1 else line)
 
 
+def _iter_raw_lines(
+    path: Path, start: int = 0, end: Optional[int] = None, first_line: int = 1
+) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number, byte offset, raw line)`` for the lines that start in ``[start, end)`` of a file;
+    ``start`` must be 0 or the first byte of a line, which is line number ``first_line``."""
+    offset = start
+    with open(path, "rb") as f:
+        f.seek(start)
+        for lineno, raw in enumerate(f, start=first_line):
+            if end is not None and offset >= end:
+                return
+            yield lineno, offset, raw
+            offset += len(raw)
+
+
 def _iter_jsonl(
-    path: Path, json_key: str, skip_bad_lines: bool, skips: _Skips, progress: Any
-) -> Iterator[str]:
-    for lineno, line in iter_utf8_lines(path, progress):
+    path: Path,
+    json_key: str,
+    skip_bad_lines: bool,
+    skips: _Skips,
+    progress: Any,
+    *,
+    start: int = 0,
+    end: Optional[int] = None,
+    first_line: int = 1,
+    skip_bad_utf8: bool = False,
+    with_fields: bool = False,
+) -> Iterator[Any]:
+    """The documents of a JSONL file (or of the lines starting in ``[start, end)``).
+
+    Yields the text of each line's ``json_key`` or, with ``with_fields``, ``(where, text, obj)`` where
+    ``where`` is ``"file:line"`` and ``obj`` the line's JSON object. Blank lines and empty documents are
+    counted in ``skips`` and skipped; so are malformed lines when ``skip_bad_lines`` (else
+    :class:`PreprocessError` naming ``file:line``) and lines that are not UTF-8 when ``skip_bad_utf8``
+    (else :class:`PreprocessError` naming the file, byte offset and line).
+    """
+    for lineno, offset, raw in _iter_raw_lines(path, start, end, first_line):
         where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if not skip_bad_utf8:
+                raise _utf8_error(path, err, offset, lineno) from None
+            skips.add("not valid UTF-8", where, f"byte offset {offset + err.start}: {err.reason}")
+            continue
+        finally:
+            if progress is not None:
+                progress.update(len(raw))
+        if lineno == 1:
+            line = line.lstrip("\ufeff")
         if not line.strip():
             skips.add("blank line", where)
             continue
@@ -227,7 +278,7 @@ def _iter_jsonl(
                 )
         if problem is not None:
             if skip_bad_lines:
-                skips.add(problem[0], where)
+                skips.add(problem[0], where, problem[1])
                 continue
             raise PreprocessError(
                 f"{where}: {problem[1]}. Fix the line, or pass --skip-bad-lines to skip such lines."
@@ -236,21 +287,30 @@ def _iter_jsonl(
         if not text.strip():
             skips.add("empty document", where)
             continue
-        yield text
+        yield (where, text, obj) if with_fields else text
 
 
-def _read_text_file(path: Path, skips: _Skips, progress: Any) -> Iterator[str]:
+def _read_text_file(
+    path: Path, skips: _Skips, progress: Any, *, skip_bad_utf8: bool = False, with_fields: bool = False
+) -> Iterator[Any]:
+    """A text file as one document (its text, or ``(where, text, {})`` with ``with_fields``). An empty
+    file is counted in ``skips``; a file that is not UTF-8 raises :class:`PreprocessError` (names the
+    byte offset and line) or, with ``skip_bad_utf8``, is counted and skipped."""
     data = path.read_bytes()
+    if progress is not None:
+        progress.update(len(data))
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise _utf8_error(path, err, 0, data.count(b"\n", 0, err.start) + 1) from None
-    if progress is not None:
-        progress.update(len(data))
+        line = data.count(b"\n", 0, err.start) + 1
+        if not skip_bad_utf8:
+            raise _utf8_error(path, err, 0, line) from None
+        skips.add("not valid UTF-8", f"{path}:{line}", f"byte offset {err.start}: {err.reason}")
+        return
     if not text.strip():
         skips.add("empty document", str(path))
         return
-    yield text
+    yield (f"{path}:1", text, {}) if with_fields else text
 
 
 # --------------------------------------------------------------------------------------------------
