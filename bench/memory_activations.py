@@ -16,21 +16,9 @@ Measured, per configuration (each recompute x kernel in a fresh process, lengths
   ``/proc/self/statm``) minus the RSS before it (``malloc_trim`` first), i.e. what the step costs the
   machine, recomputation and gradient buffers included.
 
-Analytic estimate of the saved bytes (fp32 = 4 bytes/element, per token, ``h`` hidden, ``a`` heads,
-``g`` KV groups, ``d`` head dim, ``F`` FFN size, ``V`` vocabulary, ``L`` layers, ``s`` sequence), from
-what each op of the local GLM layer keeps for its backward:
-
-* per layer, no recompute: RMSNorm x2 (input, 1/rms, normalized: ``2(2h + 1)``), the inputs of QKV,
-  fc1 (``2h``), the QKV output (V is a view of it: ``(a + 2g) d``), rotated Q and K (``a d + g d``),
-  the attention output and its copy into the projection input (``2 a d``) and log-sum-exp (``a``), SwiGLU
-  (fc1 output ``2F``, silu(gate) ``F``, up ``F``, product ``F``), and the unfused RoPE's cos / sin for Q
-  and K (``4 d_rot``): ``6h + 2 + (a + 2g) d + 3ad + gd + a + 5F + 4 d_rot``; the math kernel keeps the
-  scaled Q and the probabilities instead of output and lse: ``ad + a s`` (the probabilities are
-  Korthikanti et al. 2022's ``5as/h`` term -- theirs is fp16 with dropout masks);
-* selective recompute drops the attention's own saves (output + lse, or the probabilities);
-* full recompute keeps only each layer's input, ``h``, plus one layer recomputed during backward;
-* outside the layers: final norm + output-layer input (``3h + 1``) and the cross-entropy's softmax
-  (``V``).
+Analytic estimate of the saved bytes: :func:`megaglm.planner.activations.saved_activation_bytes` (the
+layout planner's formula, after Korthikanti et al. 2022; its docstring lists every term), here at TP 1 in
+fp32 with the flash-style (``default``) or math kernel.
 
 Usage: ``python bench/memory_activations.py [--lengths 512,1024,2048,4096] [--out bench/results]``.
 Writes ``memory_cpu_<date>.md`` / ``.json`` (GPU figures: run it on a CUDA machine; the CUDA peak
@@ -58,21 +46,39 @@ RECOMPUTE = ("none", "selective", "full")
 KERNELS = ("default", "math")
 
 
+def arch_model_config(seq_length: int, arch: dict = ARCH):
+    """The bench architecture as a :class:`megaglm.config.ModelConfig` trained for ``seq_length`` tokens."""
+    from megaglm.planner.presets import model_config
+
+    return model_config(name="tiny_mem", max_position_embeddings=int(seq_length), **arch)
+
+
 def analytic_saved_bytes(s: int, recompute: str, kernel: str, arch: dict = ARCH, vocab: int = VOCAB) -> int:
-    """The estimate of the module docstring, in bytes, for one sequence of ``s`` tokens (fp32)."""
-    h, a, g, d = arch["hidden_size"], arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
-    F, L = arch["ffn_hidden_size"], arch["num_layers"]
-    d_rot = int(d * arch.get("rotary_percent", 0.5))
-    attention_own = (a * d + a) if kernel == "default" else (a * d + a * s)  # out + lse | scaled q + probs
-    layer_no_attn = 6 * h + 2 + (a + 2 * g) * d + 2 * a * d + g * d + 5 * F + 4 * d_rot
-    if recompute == "none":
-        per_layer = layer_no_attn + attention_own
-    elif recompute == "selective":
-        per_layer = layer_no_attn
-    else:
-        per_layer = h
-    outside = 3 * h + 1 + vocab
-    return 4 * s * (L * per_layer + outside)
+    """The planner's estimate (bytes) of what one fp32 sequence of ``s`` tokens keeps for backward on one
+    rank; ``kernel`` default = flash-style (output + log-sum-exp), math = probabilities."""
+    from megaglm.planner.activations import saved_activation_bytes
+
+    return int(saved_activation_bytes(arch_model_config(s, arch), s, vocab, micro_batch=1, recompute=recompute,
+                                      kernel="flash" if kernel == "default" else kernel, act_bytes=4))
+
+
+def saved_bytes_of_forward(model, tokens, position_ids, labels, params: set):
+    """Run ``model(tokens, position_ids, None, labels=labels).sum()`` and count the bytes of the unique
+    storages its autograd graph saves for backward (storages in ``params``, the weights' data pointers,
+    left out). Returns ``(loss, saved_bytes)``; the loss still holds the graph."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:  # weights are saved too (for input grads): not activations
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, position_ids, None, labels=labels).sum()
+    return loss, sum(seen.values())
 
 
 def _rss() -> int:
@@ -91,10 +97,11 @@ def _trim() -> None:
 
 
 def worker(recompute: str, kernel: str, lengths: list[int]) -> None:
-    """Measure one recompute x kernel over ascending lengths; print one JSON line per length."""
+    """Measure recompute x kernel settings (each may be a comma-separated list) over ascending lengths; print
+    one JSON line per setting and length."""
     import torch
 
-    from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+    from megaglm.config import ParallelConfig, PrecisionConfig, TrainConfig
     from megaglm.models.glm.builder import build_model
     from megaglm.parallel.init import find_free_port
     from megaglm.platform import setup_platform
@@ -109,14 +116,25 @@ def worker(recompute: str, kernel: str, lengths: list[int]) -> None:
     ps.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
-    mcfg = ModelConfig(name="tiny_mem", seq_length=max(lengths), **ARCH)
-    tcfg = TrainConfig()
-    if recompute == "selective":
-        tcfg.recompute_granularity = "selective"
-    elif recompute == "full":
-        tcfg.recompute_granularity, tcfg.recompute_method, tcfg.recompute_num_layers = "full", "uniform", 1
-    model = build_model(mcfg, ParallelConfig(), PrecisionConfig(), vocab_size=VOCAB, train_cfg=tcfg,
-                        device_type="cuda" if cuda else "cpu")
+    mcfg = arch_model_config(max(lengths))
+    for rc in recompute.split(","):
+        tcfg = TrainConfig()
+        if rc == "selective":
+            tcfg.recompute_granularity = "selective"
+        elif rc == "full":
+            tcfg.recompute_granularity, tcfg.recompute_method, tcfg.recompute_num_layers = "full", "uniform", 1
+        model = build_model(mcfg, ParallelConfig(), PrecisionConfig(), vocab_size=VOCAB, train_cfg=tcfg,
+                            device_type="cuda" if cuda else "cpu")
+        for kn in kernel.split(","):
+            _measure(model, rc, kn, lengths, cuda)
+    ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def _measure(model, recompute: str, kernel: str, lengths: list[int], cuda: bool) -> None:
+    """One forward + backward per length: saved bytes, analytic estimate, peak RSS; one JSON line each."""
+    import torch
+
     dev = next(model.parameters()).device
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -128,14 +146,6 @@ def worker(recompute: str, kernel: str, lengths: list[int]) -> None:
         pos = torch.arange(s, device=dev).unsqueeze(0)
         model.zero_grad(set_to_none=True)
         _trim()
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:  # weights are saved too (for input grads): not activations
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -152,9 +162,7 @@ def worker(recompute: str, kernel: str, lengths: list[int]) -> None:
         t0 = time.time()
         if ctx is not None:
             ctx.__enter__()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(tokens, pos, None, labels=labels).sum()
-        saved = sum(seen.values())
+        loss, saved = saved_bytes_of_forward(model, tokens, pos, labels, params)
         loss.backward()
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -167,8 +175,6 @@ def worker(recompute: str, kernel: str, lengths: list[int]) -> None:
         if cuda:
             row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
         print(json.dumps(row), flush=True)
-    ps.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
 
 
 def _mib(x: float) -> str:
