@@ -56,7 +56,7 @@ def _write_random_glm(out: Path, layers: int, hidden: int, heads: int, groups: i
         w.write(name, torch.randn(shape, generator=g) * (0.02 if len(shape) > 1 else 1.0))
     w.finish()
     mc = ModelConfig(name="bench", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                     num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim, seq_length=4096,
+                     num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim, max_position_embeddings=4096,
                      padded_vocab_size=vocab)
     (out / "config.json").write_text(json.dumps(hf_config_from_model_config(mc, vocab, "float32")))
     sizes = [math.prod(s) * 4 for _, s, _ in planned]

@@ -728,7 +728,7 @@ def throughput_group(tgt: Target, label: str, spec: str, precision_name: str, co
     rows: list[Row] = []
     model_cfg = _load_preset("model", tgt.preset, ModelConfig)
     model_cfg.num_layers = tgt.layers
-    model_cfg.seq_length = max(seqs)
+    model_cfg.max_position_embeddings = max(seqs)
     prec = _load_preset("precision", precision_name, PrecisionConfig)
     par = ParallelConfig()
     train_cfg = TrainConfig(micro_batch_size=1, global_batch_size=1, seq_length=max(seqs), lr=1e-5, min_lr=1e-6,

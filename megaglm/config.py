@@ -31,7 +31,8 @@ class ModelConfig:
     num_attention_heads: int = MISSING
     num_query_groups: int = MISSING  # GLM "multi_query_group_num": KV heads
     kv_channels: int = MISSING  # head dim
-    seq_length: int = MISSING  # the context length the preset is trained for
+    # the context the preset is trained for: its RoPE positions (Megatron-LM's --max-position-embeddings)
+    max_position_embeddings: int = MISSING
     # Padded vocabulary of a published checkpoint (e.g. 151552); None = the tokenizer's size padded to
     # make_vocab_size_divisible_by x tensor_model_parallel_size.
     padded_vocab_size: Optional[int] = None
@@ -143,6 +144,9 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 50
     eval_iters: int = 4
+    # Validation batches: fixed (the same train.eval_iters global batches at every evaluation, so the
+    # curve moves only with the model) | advance (new validation samples each time, as Megatron-LM).
+    eval_batches: str = "fixed"
     recompute_granularity: Optional[str] = None  # None | selective | full
     recompute_method: Optional[str] = None  # uniform | block (full only)
     recompute_num_layers: Optional[int] = None
@@ -219,6 +223,8 @@ class LoggingConfig:
     log_interval: int = 10
     metrics_file: Optional[str] = "${run.output_dir}/metrics.jsonl"  # one JSON line per step (rank 0)
     progress: bool = True
+    # Show megatron-core's own notices (deprecations, Megatron-FSDP detection, rerun state machine).
+    verbose: bool = False
 
 
 @dataclass
@@ -277,6 +283,20 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+
+
+# Model keys renamed since checkpoints were first written: old name -> new name.
+RENAMED_MODEL_KEYS = {"seq_length": "max_position_embeddings"}
+
+
+def upgrade_model_dict(model: dict) -> dict:
+    """A checkpoint's saved ``model`` section with renamed keys under their current names
+    (:data:`RENAMED_MODEL_KEYS`), so checkpoints written by earlier versions still load."""
+    out = dict(model)
+    for old, new in RENAMED_MODEL_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def register_configs() -> None:

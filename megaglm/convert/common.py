@@ -129,10 +129,10 @@ def join_layer(key: str, layer: Optional[int]) -> str:
 def model_config_from_dict(d: dict):
     """A :class:`megaglm.config.ModelConfig` from a checkpoint's ``model`` dict (unknown keys dropped,
     so checkpoints written before or after a field was added still load)."""
-    from megaglm.config import ModelConfig
+    from megaglm.config import ModelConfig, upgrade_model_dict
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in known})
+    return ModelConfig(**{k: v for k, v in upgrade_model_dict(d).items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------------

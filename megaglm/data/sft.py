@@ -19,7 +19,7 @@ Batching (``data.batching``):
   conversation (megatron-core ``PackedSeqParams``). With context parallelism each conversation is
   padded to a multiple of ``2 x CP`` inside its segment (pad tokens, weight 0, after its last token;
   causal attention keeps them invisible to it), so every segment, the row's pad tail included, is a
-  multiple of ``2 x CP`` and the CP split (:mod:`megaglm.parallel.context`) needs no extra room.
+  multiple of ``2 x CP`` and the CP split (:mod:`megaglm.parallel.context_parallel`) needs no extra room.
   The packs are built once (seeded); every epoch visits them in a new seeded order.
 * ``sort``: LongAlign's sorted batching. Each epoch: a seeded random subset of ``B * G`` conversations
   (``B = n // G`` global batches of ``G``), sorted by length and cut into ``B`` buckets of similar
@@ -36,7 +36,7 @@ data:
   and context-parallel ranks, so the optimized loss is ``(1/M) sum_i L_i / N_i`` over the ``M``
   conversations of the global batch (``L_i`` = summed token losses of conversation i), whatever the
   TP / PP / CP / DP / micro-batch split. Under CP every CP rank of a data-parallel rank gets the same
-  micro-batch and :func:`megaglm.parallel.context.split_micro_batch` keeps ``loss_count`` on CP rank 0
+  micro-batch and :func:`megaglm.parallel.context_parallel.split_micro_batch` keeps ``loss_count`` on CP rank 0
   only (0 elsewhere), so a conversation spread over the CP ranks is counted once.
 * ``per_token``: every target token weighs 1 and the divisor is the number of target tokens
   (``loss_count`` absent: ``loss_mask.sum()``, exact under any split).
@@ -70,7 +70,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from megaglm.training.batches import MicroBatchIterator
+from megaglm.data.batching import MicroBatchIterator
+from megaglm.parallel.alignment import seq_alignment
 
 __all__ = [
     "BATCHING_MODES",
@@ -551,7 +552,7 @@ def collate_sft(rows: Sequence[dict[str, Any]], loss_weighting: str, packed: boo
 
 class SFTBatchIterator(MicroBatchIterator):
     """This data-parallel rank's SFT micro-batches, step after step (the sample arithmetic of
-    :class:`~megaglm.training.batches.MicroBatchIterator`: micro-batch ``m`` of DP rank ``r`` holds
+    :class:`~megaglm.data.batching.MicroBatchIterator`: micro-batch ``m`` of DP rank ``r`` holds
     global samples ``consumed + m * b * D + r * b + j``), resumable from ``consumed_samples``.
 
     Args:
@@ -645,13 +646,13 @@ def alignment_for(parallel_cfg: Any, data_cfg: Any) -> tuple[int, int]:
     """
     cp = int(getattr(parallel_cfg, "context_parallel_size", 1) or 1)
     tp = int(getattr(parallel_cfg, "tensor_model_parallel_size", 1) or 1)
-    sp = bool(getattr(parallel_cfg, "sequence_parallel", False)) and tp > 1
-    need = 2 * cp if cp > 1 else 1
+    split = seq_alignment(tp, bool(getattr(parallel_cfg, "sequence_parallel", False)), cp)
+    need = split.cp_chunks
     doc_align = int(getattr(data_cfg, "pack_align", 0) or 0) or need
     if doc_align < 1 or doc_align % need:
         raise SFTDataError(f"data.pack_align={doc_align} must be a positive multiple of 2 x "
                            f"context_parallel_size = {need} (or 0 for that)")
-    pad_multiple = math.lcm(int(getattr(data_cfg, "pad_to_multiple", 8) or 1), need, tp if sp else 1)
+    pad_multiple = math.lcm(int(getattr(data_cfg, "pad_to_multiple", 8) or 1), need, split.sp_split)
     return pad_multiple, doc_align
 
 

@@ -17,11 +17,10 @@ long, varied text). Each conversation asks a question whose answer is written in
 Lengths follow :func:`longalign_like_lengths` scaled to the demo's ``max_tokens``: most conversations are
 short, a long tail reaches the maximum (LongAlign-10k's 8K-64K documents mixed with short ShareGPT-style
 chats, arXiv 2401.18058 section 3.1, scaled down). The answers make the task checkable:
-:func:`answer_accuracy` scores a model by teacher-forced greedy decoding of the final answer (every answer
-token the argmax = greedy decoding reproduces the answer exactly).
-
-``python -m megaglm.data.sft_demo check RUN_DIR`` scores a trained demo run's last checkpoint on held-out
-conversations (see :func:`main`).
+:func:`megaglm.eval.sft_tasks.answer_accuracy` scores a model by teacher-forced greedy decoding of the
+final answer (every answer token the argmax = greedy decoding reproduces the answer exactly);
+``megaglm-eval sft-tasks RUN_DIR`` scores a trained demo run's last checkpoint on the conversations
+:func:`held_out_conversations` returns.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ __all__ = [
     "make_conversation",
     "build_demo_conversations",
     "ensure_sft_demo_dataset",
-    "answer_accuracy",
+    "held_out_conversations",
     "main",
 ]
 
@@ -282,115 +281,34 @@ def ensure_sft_demo_dataset(cache_dir: str, tokenizer: Any, n: int = 2000, max_t
     return str(prefix)
 
 
-# --------------------------------------------------------------------------------------------------
-# checking a model
-# --------------------------------------------------------------------------------------------------
+def held_out_conversations(data_cfg: Any, tokenizer: Any, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` demo conversations training did not see: the test split of ``data.split``, or the
+    validation split when the test share is 0 (the records' order is the dataset's)."""
+    from megaglm.data.sft import _split_ranges
 
-
-def answer_accuracy(logits_fn: Any, tokenizer: Any, conversations: Sequence[dict[str, Any]],
-                    max_tokens: Optional[int] = None) -> dict[str, Any]:
-    """Score the final answers by teacher-forced greedy decoding.
-
-    Args:
-        logits_fn: ``tokens int64 [1, s] -> logits [1, s, vocab]`` (one unpacked conversation).
-        conversations: demo records (``messages``, ``task``, ``answer``).
-        max_tokens: skip conversations longer than this.
-
-    Returns:
-        ``{"n", "exact", "token_accuracy", "by_task": {task: {"n", "exact"}}}``: a conversation is exact
-        when every target token of its last assistant turn (the answer and its end token) is the argmax.
-    """
-    import torch
-
-    from megaglm.data.chat import render_chat
-
-    by_task: dict[str, list[int]] = {}
-    hits = total = exact = n = 0
-    for conv in conversations:
-        chat = render_chat(tokenizer, conv["messages"])
-        ids = chat.ids
-        if max_tokens is not None and len(ids) - 1 > max_tokens:
-            continue
-        last_open = int(np.flatnonzero(ids == tokenizer.special_tokens["<|assistant|>"])[-1])
-        answer_pos = np.flatnonzero(chat.targets[last_open + 1:]) + last_open + 1  # ids positions
-        with torch.no_grad():
-            logits = logits_fn(torch.as_tensor(ids[:-1]).unsqueeze(0))
-        pred = logits[0].argmax(-1).cpu().numpy()
-        ok = pred[answer_pos - 1] == ids[answer_pos]
-        hits += int(ok.sum())
-        total += len(ok)
-        n += 1
-        exact += int(ok.all())
-        t = by_task.setdefault(conv.get("task", "?"), [0, 0])
-        t[0] += 1
-        t[1] += int(ok.all())
-    return {"n": n, "exact": exact / max(n, 1), "token_accuracy": hits / max(total, 1),
-            "by_task": {k: {"n": v[0], "exact": v[1] / max(v[0], 1)} for k, v in sorted(by_task.items())}}
-
-
-def _load_run(run_dir: Path):
-    """The resolved config and a 1-rank model with the run's last checkpoint loaded."""
-    from omegaconf import OmegaConf
-
-    from megaglm.training.checkpointing import CONFIG_FILE, checkpoint_path, latest_iteration, load_checkpoint
-    from megaglm.training.trainer import setup_run
-
-    ckpt_dir = run_dir / "checkpoints"
-    it = latest_iteration(ckpt_dir)
-    if it is None:
-        raise SystemExit(f"{ckpt_dir} holds no checkpoint")
-    config_file = checkpoint_path(ckpt_dir, it) / CONFIG_FILE
-    if not config_file.is_file():
-        raise SystemExit(f"{config_file} does not exist: no run config saved with the checkpoint")
-    cfg = OmegaConf.load(config_file)
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
-        cfg.parallel[key] = 1
-    cfg.parallel.virtual_pipeline_model_parallel_size = None
-    cfg.parallel.sequence_parallel = False
-    cfg.parallel.use_distributed_optimizer = False
-    cfg.run.device = "cpu"
-    ctx = setup_run(cfg)
-    load_checkpoint(str(ckpt_dir), ctx.chunks, None, None, model_config=OmegaConf.to_container(cfg.model),
-                    load_optimizer=False, load_rng=False)
-    return cfg, ctx
+    demo = Path(ensure_sft_demo_dataset(data_cfg.cache_dir, tokenizer)).parent
+    records = [json.loads(line) for line in (demo / "conversations.jsonl").read_text().splitlines()]
+    ranges = _split_ranges(len(records), data_cfg.split)
+    lo, hi = ranges[2] if ranges[2][1] > ranges[2][0] else ranges[1]
+    return records[lo:hi][:n]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m megaglm.data.sft_demo check RUN_DIR [--n 100]``: held-out answer accuracy of a
-    trained LongAlign demo run (its last checkpoint, on one CPU rank); ``... build OUT.jsonl`` writes
-    demo conversations."""
+    """``python -m megaglm.data.sft_demo build OUT.jsonl``: write demo conversations (the held-out answer
+    accuracy of a trained demo run is ``megaglm-eval sft-tasks RUN_DIR``)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m megaglm.data.sft_demo")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check")
-    c.add_argument("run_dir")
-    c.add_argument("--n", type=int, default=100)
     b = sub.add_parser("build")
     b.add_argument("out")
     b.add_argument("--n", type=int, default=2000)
     b.add_argument("--max-tokens", type=int, default=512)
     b.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-    if args.cmd == "build":
-        from megaglm.data.tokenizer import GLMTokenizer
+    from megaglm.data.tokenizer import GLMTokenizer
 
-        print(build_demo_conversations(Path(args.out), GLMTokenizer(), args.n, args.max_tokens, args.seed))
-        return 0
-    cfg, ctx = _load_run(Path(args.run_dir))
-    from megaglm.data.sft import _split_ranges
-    from megaglm.eval.logits import pipeline_logits
-
-    demo = Path(ensure_sft_demo_dataset(cfg.data.cache_dir, ctx.tokenizer)).parent
-    records = [json.loads(line) for line in (demo / "conversations.jsonl").read_text().splitlines()]
-    ranges = _split_ranges(len(records), cfg.data.split)
-    lo, hi = ranges[2] if ranges[2][1] > ranges[2][0] else ranges[1]
-    held_out = records[lo:hi][: args.n]
-    for chunk in ctx.chunks:
-        chunk.eval()
-    res = answer_accuracy(lambda t: pipeline_logits(ctx.chunks, t), ctx.tokenizer, held_out,
-                          max_tokens=int(cfg.train.seq_length))
-    print(json.dumps(res, indent=1))
+    print(build_demo_conversations(Path(args.out), GLMTokenizer(), args.n, args.max_tokens, args.seed))
     return 0
 
 

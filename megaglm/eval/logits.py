@@ -16,19 +16,19 @@ def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor
 
     Returns ``(outputs, plan)``: the last stage's output (logits ``[b_l, s_l, V/TP]`` or per-token
     losses ``[b_l, s_l]``), or None on other stages, and this rank's
-    :class:`megaglm.parallel.context.CPSplitPlan`.
+    :class:`megaglm.parallel.context_parallel.CPSplitPlan`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megaglm.parallel.context import split_micro_batch
+    from megaglm.parallel.context_parallel import split_micro_batch
 
     b, s = tokens.shape
     if position_ids is None:
         if cu_seqlens is None:
             position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
         else:
-            from megaglm.parallel.context import segment_lengths, segment_positions
+            from megaglm.parallel.context_parallel import segment_lengths, segment_positions
 
             position_ids = segment_positions(segment_lengths(cu_seqlens, b * s, s)).reshape(b, s)
     batch = {"tokens": tokens, "labels": tokens if labels is None else labels, "loss_mask": torch.ones(b, s),
@@ -64,7 +64,7 @@ def pipeline_logits(model_chunks, tokens: torch.Tensor, position_ids: Optional[t
     """Run one forward pass through megatron-core's pipeline schedule and gather the logits.
 
     Every rank of the model-parallel group (TP x PP x CP) calls this with the same ``tokens``. Under
-    context parallelism each rank runs its zigzag share (:mod:`megaglm.parallel.context`) and the
+    context parallelism each rank runs its zigzag share (:mod:`megaglm.parallel.context_parallel`) and the
     logits are gathered back into the original order.
 
     Args:
@@ -81,7 +81,7 @@ def pipeline_logits(model_chunks, tokens: torch.Tensor, position_ids: Optional[t
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megaglm.parallel.context import gather_cp_output
+    from megaglm.parallel.context_parallel import gather_cp_output
 
     out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, None)
     if out is None:
@@ -135,7 +135,7 @@ def pipeline_token_losses(model_chunks, tokens: torch.Tensor, labels: torch.Tens
     """
     from megatron.core import parallel_state as ps
 
-    from megaglm.parallel.context import gather_cp_output
+    from megaglm.parallel.context_parallel import gather_cp_output
 
     if not with_argmax:
         out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, labels)
@@ -145,7 +145,7 @@ def pipeline_token_losses(model_chunks, tokens: torch.Tensor, labels: torch.Tens
     out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, None)
     if out is None:
         return None
-    from megaglm.parallel.context import split_micro_batch
+    from megaglm.parallel.context_parallel import split_micro_batch
 
     local_labels = split_micro_batch({"tokens": labels, "labels": labels, "loss_mask": torch.ones(labels.shape),
                                       **({"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {})},

@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["default_buckets", "held_out_documents", "bucket_perplexity", "passkey_sequence", "evaluate",
-           "evaluate_checkpoint", "format_table"]
+           "format_table", "write_results"]
 
 _INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
           "memorize it. I will quiz you about it.\n\n")
@@ -242,58 +242,24 @@ def format_table(name: str, res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_checkpoint(cfg, ckpt_dir: Optional[str] = None, out_dir: Optional[str] = None,
-                        name: Optional[str] = None, step: int = 0) -> dict[str, Any]:
-    """Build the model of ``cfg``, load ``ckpt_dir`` (default ``checkpoint.save_dir``), evaluate, write
-    ``long_context.json`` / ``long_context.md`` to ``out_dir`` (default ``<run.output_dir>/eval``) and
-    TensorBoard scalars to ``logging.tensorboard_dir`` (rank 0). All ranks call this; megatron's
-    model-parallel groups are created here and destroyed before returning.
+def write_results(result: dict[str, Any], name: str, out_dir: str | Path, tensorboard_dir: Optional[str],
+                  step: int) -> None:
+    """``long_context.json`` / ``long_context.md`` in ``out_dir`` and the TensorBoard scalars
+    ``eval/ppl@L/a-b``, ``eval/passkey_acc@L/depth_d``, ``eval/passkey_logprob@L`` at ``step``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_context.json").write_text(json.dumps(result, indent=2))
+    (out / "long_context.md").write_text(format_table(name, result))
+    if tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
 
-    The RoPE table the loaded model uses is checked against the config's
-    (:func:`megaglm.models.glm.rope.expected_inv_freq`) and recorded.
-
-    Raises:
-        ValueError: no checkpoint in ``ckpt_dir``, or the model's RoPE table differs from its config's.
-    """
-    from megatron.core import parallel_state as ps
-
-    from megaglm.models.glm.rope import effective_inv_freq, expected_inv_freq
-    from megaglm.training.checkpointing import load_checkpoint
-    from megaglm.training.trainer import _model_config_dict, setup_run
-
-    ckpt_dir = ckpt_dir or cfg.checkpoint.save_dir
-    ctx = setup_run(cfg)
-    try:
-        res = load_checkpoint(ckpt_dir, ctx.chunks, None, None, model_config=_model_config_dict(cfg),
-                              load_optimizer=False, load_rng=False)
-        if res is None:
-            raise ValueError(f"no checkpoint in {ckpt_dir} to evaluate")
-        live, want = effective_inv_freq(ctx.chunks[0]), expected_inv_freq(cfg.model)
-        if live is None or not torch.allclose(live, want, rtol=1e-6, atol=0):
-            raise ValueError(f"the loaded model's RoPE table {live} differs from its config's {want}")
-        result = evaluate(ctx.chunks, cfg, ctx.tokenizer)
-        result["checkpoint"] = res.path
-        result["inv_freq"] = live.tolist()
-        result["inv_freq_expected"] = want.tolist()
-        name = name or cfg.stage.name or cfg.model.name
-        if ctx.rank == 0:
-            out = Path(out_dir or Path(cfg.run.output_dir) / "eval")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "long_context.json").write_text(json.dumps(result, indent=2))
-            (out / "long_context.md").write_text(format_table(name, result))
-            if cfg.logging.tensorboard_dir:
-                from torch.utils.tensorboard import SummaryWriter
-
-                w = SummaryWriter(log_dir=str(cfg.logging.tensorboard_dir))
-                for L, row in result["perplexity"].items():
-                    for bucket, ppl in row.items():
-                        w.add_scalar(f"eval/ppl@{L}/{bucket}", ppl, step)
-                for L, row in result["passkey"].items():
-                    for depth, acc in row.items():
-                        w.add_scalar(f"eval/passkey_acc@{L}/depth_{depth}", acc, step)
-                    w.add_scalar(f"eval/passkey_logprob@{L}", result["passkey_logprob"][L], step)
-                w.flush()
-                w.close()
-        return result
-    finally:
-        ps.destroy_model_parallel()
+        w = SummaryWriter(log_dir=str(tensorboard_dir))
+        for L, row in result["perplexity"].items():
+            for bucket, ppl in row.items():
+                w.add_scalar(f"eval/ppl@{L}/{bucket}", ppl, step)
+        for L, row in result["passkey"].items():
+            for depth, acc in row.items():
+                w.add_scalar(f"eval/passkey_acc@{L}/depth_{depth}", acc, step)
+            w.add_scalar(f"eval/passkey_logprob@{L}", result["passkey_logprob"][L], step)
+        w.flush()
+        w.close()

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from megaglm.parallel.zigzag import num_chunks
+
 __all__ = [
     "FP8_TOKEN_MULTIPLE",
     "SeqAlignment",
@@ -108,7 +110,7 @@ def seq_alignment(tp: int = 1, sp: bool = False, cp: int = 1, recipe: Optional[s
     tp, cp = _positive("tp", tp), _positive("cp", cp)
     recipe = normalize_recipe(recipe)
     sp_split = tp if (sp and tp > 1) else 1
-    cp_chunks = 2 * cp if cp > 1 else 1
+    cp_chunks = num_chunks(cp)
     m = FP8_TOKEN_MULTIPLE[recipe]
     multiple = math.lcm(cp_chunks, cp * sp_split * m)
     return SeqAlignment(tp, bool(sp), cp, recipe, cp_chunks, sp_split, m, multiple)

@@ -13,7 +13,9 @@ megatron-core. The rules are megatron-core 0.16.1's own (and Megatron-LM's argum
   and the sequence each TP group holds (``seq_length / CP``) must divide by TP;
 * ``global_batch_size`` is a multiple of ``micro_batch_size`` x DP;
 * with CP > 1, ``seq_length`` divides by 2 x CP (load-balanced zigzag chunks);
-* ``train.seq_length`` above ``model.seq_length`` is allowed with a warning (RoPE is then used beyond
+* with FP8, each rank's tokens (after the CP and SP splits) are a multiple of the recipe's 16 or 32
+  (:mod:`megaglm.parallel.alignment`, which holds the whole sequence-multiple rule);
+* ``train.seq_length`` above ``model.max_position_embeddings`` is allowed with a warning (RoPE is then used beyond
   the length the preset was trained for).
 """
 
@@ -23,6 +25,8 @@ import dataclasses
 import logging
 import warnings
 from typing import Optional
+
+from megaglm.parallel.alignment import pad_seq_length, required_multiple, seq_alignment
 
 __all__ = ["Layout", "validate_layout"]
 
@@ -38,6 +42,9 @@ class Layout:
         vpp: virtual pipeline stages per PP rank, or ``None`` without interleaving.
         sp: sequence parallelism as it will run (``False`` at TP = 1 even if requested).
         world: number of ranks.
+        seq_multiple: every sequence length (and a packed micro-batch's ``b x s``) this layout runs must
+            be a multiple of it (:func:`megaglm.parallel.alignment.required_multiple`: ``2 x CP``, CP x TP
+            under SP, the FP8 token multiple).
     """
 
     tp: int
@@ -47,6 +54,7 @@ class Layout:
     dp: int
     sp: bool
     world: int
+    seq_multiple: int = 1
 
     @property
     def model_parallel_size(self) -> int:
@@ -68,7 +76,16 @@ def _positive(value, key: str) -> int:
     return ivalue
 
 
-def validate_layout(model_cfg, parallel_cfg, world_size: int, train_cfg=None) -> Layout:
+def _fp8_recipe(precision_cfg) -> Optional[str]:
+    """The alignment calculator's recipe of a precision config: None without FP8 or for recipes it has
+    no rule for (``blockwise``)."""
+    if precision_cfg is None or getattr(precision_cfg, "fp8", None) is None:
+        return None
+    recipe = str(precision_cfg.fp8_recipe)
+    return None if recipe == "blockwise" else recipe
+
+
+def validate_layout(model_cfg, parallel_cfg, world_size: int, train_cfg=None, precision_cfg=None) -> Layout:
     """Check a layout and derive DP.
 
     Args:
@@ -76,6 +93,7 @@ def validate_layout(model_cfg, parallel_cfg, world_size: int, train_cfg=None) ->
         parallel_cfg: ``ParallelConfig``.
         world_size: number of ranks in the job.
         train_cfg: ``TrainConfig``; the batch and sequence checks are skipped when ``None``.
+        precision_cfg: ``PrecisionConfig``; with FP8 the sequence must also suit the recipe.
 
     Returns:
         The :class:`Layout`.
@@ -169,24 +187,40 @@ def validate_layout(model_cfg, parallel_cfg, world_size: int, train_cfg=None) ->
                 f"(train.global_batch_size {gbs} / (train.micro_batch_size {mbs} x DP {dp}) = {num_micro}) "
                 f"must be a multiple of parallel.pipeline_model_parallel_size={pp}"
             )
-        if cp > 1 and seq % (2 * cp) != 0:
+        split = seq_alignment(tp, sp, cp)  # the CP chunking and the SP split
+        if seq % split.cp_chunks:
             raise ValueError(
                 f"train.seq_length={seq} is not divisible by 2 x parallel.context_parallel_size "
-                f"({cp}) = {2 * cp}; each CP rank holds two equal chunks of every sequence"
+                f"({cp}) = {split.cp_chunks}; each CP rank holds two equal chunks of every sequence"
             )
-        if sp and (seq // cp) % tp != 0:
+        if (seq // cp) % split.sp_split:
             raise ValueError(
                 f"parallel.sequence_parallel=true: train.seq_length={seq} / parallel.context_parallel_size "
                 f"({cp}) = {seq // cp} is not divisible by parallel.tensor_model_parallel_size={tp}; "
                 "pick a sequence length that splits evenly over the TP ranks"
             )
-        model_seq = int(model_cfg.seq_length)
+        recipe = _fp8_recipe(precision_cfg)
+        try:
+            multiple = required_multiple(tp, sp, cp, recipe)
+        except ValueError as err:  # an FP8 recipe the calculator does not know
+            raise ValueError(f"precision.fp8_recipe={recipe!r}: {err}") from None
+        if seq % multiple:
+            padded = pad_seq_length(seq, tp, sp, cp, recipe)
+            raise ValueError(
+                f"train.seq_length={seq} does not suit FP8 recipe {recipe!r} with TP={tp}"
+                f"{' + SP' if sp else ''}, CP={cp}: lengths must be multiples of {multiple} (tokens per rank "
+                f"after the CP and SP splits a multiple of {32 if recipe == 'mxfp8' else 16}); use "
+                f"train.seq_length={padded} (megaglm.parallel.alignment.pad_seq_length)"
+            )
+        model_seq = int(model_cfg.max_position_embeddings)
         if seq > model_seq:
             msg = (
-                f"train.seq_length={seq} exceeds model.seq_length={model_seq} (the context the preset "
+                f"train.seq_length={seq} exceeds model.max_position_embeddings={model_seq} (the context the preset "
                 "was trained for); positions beyond it are extrapolated"
             )
             warnings.warn(msg, stacklevel=2)
             logger.warning(msg)
 
-    return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sp=sp, world=world)
+        return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sp=sp, world=world, seq_multiple=multiple)
+    return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sp=sp, world=world,
+                  seq_multiple=required_multiple(tp, sp, cp, None))

@@ -1,86 +1,123 @@
-"""Deterministic, resumable micro-batch iteration over a map-style dataset.
+"""The run's batches: training and validation micro-batch iterators for pretraining windows
+(megatron's ``GPTDataset`` / ``BlendedDataset``) and LongAlign chat SFT (:mod:`megaglm.data.sft`).
 
-The global batch of iteration ``k`` is samples ``[k * G, (k + 1) * G)`` of the dataset's order
-(``G = global_batch_size``). Micro-batch ``m`` of data-parallel rank ``r`` holds samples
-``base + m * (b * D) + r * b + j`` for ``j < b`` (``b = micro_batch_size``, ``D`` = data-parallel size),
-as in Megatron-LM's pretraining sampler. The whole iterator state is one integer, the number of
-samples consumed, so a resumed run sees exactly the batches an uninterrupted one would, and the same
-global batch is seen whatever the TP / PP / DP / micro-batch split.
+Both formats share the iteration contract of :mod:`megaglm.data.batching`: the whole iterator state is
+the number of samples consumed, so a resumed run sees the batches an uninterrupted one would.
+
+Validation (``train.eval_batches``): ``fixed`` (the default) measures the same ``train.eval_iters``
+global batches of the validation split at every evaluation, so successive validation losses differ
+only by what the model learned; ``advance`` consumes new validation samples at each evaluation
+(Megatron-LM's behaviour), resumable through the checkpoint's ``consumed_valid_samples``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-import numpy as np
-import torch
+from megaglm.training.build import Run
 
-__all__ = ["num_microbatches", "MicroBatchIterator", "collate"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Batches", "build_batches", "EVAL_BATCHES"]
+
+EVAL_BATCHES = ("fixed", "advance")
 
 
-def num_microbatches(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
-    """Micro-batches per rank per step, ``G / (b * D)``.
+@dataclass
+class Batches:
+    """This rank's data for a run.
+
+    Attributes:
+        train: one training iterator per model chunk (megatron's interleaved schedule takes a list).
+        valid_dataset: the validation dataset, or None when the split is empty.
+        make_iterator: ``(dataset, consumed_samples) -> iterator`` for this rank.
+        unigram_entropy: the training blend's unigram entropy in nats/token (pretraining, rank 0), the
+            loss of the best context-free model: a yardstick for the validation loss.
+    """
+
+    train: list
+    valid_dataset: Any
+    make_iterator: Callable[[Any, int], Any]
+    unigram_entropy: Optional[float] = None
+
+    @property
+    def consumed_samples(self) -> int:
+        """Global samples the training iterators have consumed."""
+        return self.train[0].consumed_samples
+
+    @property
+    def step_seq_length(self) -> Optional[int]:
+        """This step's row length when it varies (SFT sorted / naive batching), else None."""
+        return getattr(self.train[0], "step_seq_length", None)
+
+    def train_iterator(self):
+        """What megatron's ``forward_backward_func`` takes as ``data_iterator``."""
+        return self.train[0] if len(self.train) == 1 else self.train
+
+    def valid_iterator(self, consumed: int):
+        """Validation iterators starting at ``consumed`` samples (None without a validation split)."""
+        if self.valid_dataset is None:
+            return None
+        its = [self.make_iterator(self.valid_dataset, consumed) for _ in self.train]
+        return its[0] if len(its) == 1 else its
+
+
+def _pretrain_data(run: Run, plan, consumed_train: int):
+    from megaglm.data.batching import MicroBatchIterator
+    from megaglm.data.pretrain import build_pretrain_datasets
+
+    t, G = plan.config.train, plan.batch.global_batch_size
+    evals = int(t.train_iters) // max(int(t.eval_interval), 1) + 1 if t.eval_batches == "advance" else 1
+    samples = (int(t.train_iters) * G, evals * int(t.eval_iters) * G, int(t.eval_iters) * G)
+    train_ds, valid_ds, _ = build_pretrain_datasets(plan.config.data, run.tokenizer, plan.batch.seq_length,
+                                                    int(t.seed), samples)
+
+    def make_iterator(ds, consumed: int):
+        return MicroBatchIterator(ds, plan.batch.micro_batch_size, G, run.dp_rank, run.dp_size, consumed)
+
+    return train_ds, valid_ds, make_iterator
+
+
+def _chat_data(run: Run, plan, log_text: Callable[[str], None]):
+    from megaglm.data.sft import build_sft_data
+
+    sft = build_sft_data(plan.config, run.tokenizer, run.dp_rank, run.dp_size, log=log_text)
+    return sft.train, sft.valid, sft.make_iterator
+
+
+def _unigram_entropy(plan, tokenizer) -> float:
+    from megaglm.data.demo import ensure_demo_dataset
+    from megaglm.data.pretrain import parse_blend
+    from megaglm.data.stats import blend_unigram_entropy
+
+    data = plan.config.data
+    if len(data.blend) == 0:
+        return blend_unigram_entropy([ensure_demo_dataset(data.cache_dir, tokenizer, use_barrier=False)])
+    prefixes, weights = parse_blend(list(data.blend))
+    return blend_unigram_entropy(prefixes, weights)
+
+
+def build_batches(run: Run, consumed_train: int, log_text: Callable[[str], None] = log.info) -> Batches:
+    """The training and validation data of ``run`` (collective: every rank calls it), the training
+    iterators positioned at ``consumed_train`` samples (``train.micro_batch_size``,
+    ``train.global_batch_size`` and ``train.seq_length`` from the plan's batch arithmetic).
 
     Raises:
-        ValueError: when ``G`` is not a multiple of ``b * D`` (names ``train.global_batch_size``).
+        ValueError: bad data settings or files (the message names the key or file).
     """
-    per_step = micro_batch_size * data_parallel_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={global_batch_size} is not a multiple of "
-            f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {data_parallel_size} "
-            f"= {per_step}; change one of them."
-        )
-    return global_batch_size // per_step
-
-
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack a list of sample dicts (``tokens``, ``labels``, ``loss_mask``, ``position_ids``: ``[s]``)
-    into a batch dict of ``[b, s]`` tensors (int64 ids, float32 loss mask)."""
-    out: dict[str, torch.Tensor] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        if isinstance(values[0], (torch.Tensor, np.ndarray)):
-            out[key] = torch.stack([torch.as_tensor(v) for v in values])
-    if "loss_mask" in out:
-        out["loss_mask"] = out["loss_mask"].float()
-    for key in ("tokens", "labels", "position_ids"):
-        if key in out:
-            out[key] = out[key].long()
-    return out
-
-
-class MicroBatchIterator(Iterator[dict[str, torch.Tensor]]):
-    """Yields this data-parallel rank's micro-batches, step after step, forever.
-
-    Args:
-        dataset: map-style dataset of sample dicts (megatron's ``GPTDataset``); index wraps around.
-        micro_batch_size: ``b``, samples per micro-batch.
-        global_batch_size: ``G``, samples per optimizer step over all DP ranks.
-        data_parallel_rank / data_parallel_size: this rank's ``r`` and ``D``.
-        consumed_samples: global samples already used (the resume point).
-    """
-
-    def __init__(self, dataset, micro_batch_size: int, global_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int, consumed_samples: int = 0):
-        self.dataset = dataset
-        self.b = micro_batch_size
-        self.G = global_batch_size
-        self.r = data_parallel_rank
-        self.D = data_parallel_size
-        self.m_per_step = num_microbatches(global_batch_size, micro_batch_size, data_parallel_size)
-        self.consumed_samples = consumed_samples
-        self._m = 0
-
-    def __iter__(self) -> "MicroBatchIterator":
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        base = self.consumed_samples + self._m * self.b * self.D + self.r * self.b
-        n = len(self.dataset)
-        batch = collate([self.dataset[(base + j) % n] for j in range(self.b)])
-        self._m += 1
-        if self._m == self.m_per_step:
-            self._m = 0
-            self.consumed_samples += self.G
-        return batch
+    plan = run.plan
+    if plan.data_format == "chat":
+        train_ds, valid_ds, make_iterator = _chat_data(run, plan, log_text)
+    else:
+        train_ds, valid_ds, make_iterator = _pretrain_data(run, plan, consumed_train)
+    train = [make_iterator(train_ds, consumed_train) for _ in run.model]
+    entropy = None
+    if run.is_logging_rank and plan.data_format == "pretrain":
+        entropy = _unigram_entropy(plan, run.tokenizer)
+    if valid_ds is None and int(plan.config.train.eval_interval) > 0:
+        log_text(f"WARNING: train.eval_interval={plan.config.train.eval_interval} but data.split="
+                 f"{plan.config.data.split!r} leaves no validation data: no validation will run (give the "
+                 "validation split a share, or set train.eval_interval=0)")
+    return Batches(train, valid_ds, make_iterator, entropy)

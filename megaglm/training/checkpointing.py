@@ -302,6 +302,9 @@ def check_model_config(saved: dict, current: dict, where: str) -> None:
     Raises:
         CheckpointMismatchError: naming each differing ``model.<field>`` with both values.
     """
+    from megaglm.config import upgrade_model_dict
+
+    saved = upgrade_model_dict(saved)
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs run {current.get(k)!r}"
              for k in _ARCH_FIELDS if k in saved and saved.get(k) != current.get(k)]
     if diffs:

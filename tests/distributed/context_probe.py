@@ -29,11 +29,11 @@ def _model_cfg():
     from megaglm.config import ModelConfig
 
     return ModelConfig(name="probe", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                       num_query_groups=2, kv_channels=16, seq_length=64, rotary_base=10000.0)
+                       num_query_groups=2, kv_channels=16, max_position_embeddings=64, rotary_base=10000.0)
 
 
 def _batches(vocab: int) -> dict:
-    from megaglm.parallel.context import segment_positions
+    from megaglm.parallel.context_parallel import segment_positions
 
     g = torch.Generator().manual_seed(7)
     out = {}
@@ -86,7 +86,7 @@ def _run_case(model, batch, cp_group):
     """Full logits, loss and CP-summed grads of one micro-batch on this rank's CP share."""
     import torch.distributed as dist
 
-    from megaglm.parallel.context import gather_cp_output, prepare_micro_batch
+    from megaglm.parallel.context_parallel import gather_cp_output, prepare_micro_batch
     from megaglm.training.trainer import forward_step
 
     model.zero_grad(set_to_none=True)

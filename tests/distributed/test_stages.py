@@ -25,11 +25,11 @@ from tests.distributed.harness import REPO, launch, train_losses
 
 pytestmark = pytest.mark.distributed
 
-SHRINK = {"tiny_256": {"train.seq_length": 64, "model.seq_length": 64, "train.micro_batch_size": 2,
+SHRINK = {"tiny_256": {"train.seq_length": 64, "model.max_position_embeddings": 64, "train.micro_batch_size": 2,
                        "train.global_batch_size": 4},
-          "tiny_1k": {"train.seq_length": 128, "model.seq_length": 128, "train.micro_batch_size": 1,
+          "tiny_1k": {"train.seq_length": 128, "model.max_position_embeddings": 128, "train.micro_batch_size": 1,
                       "train.global_batch_size": 2},
-          "tiny_4k": {"train.seq_length": 256, "model.seq_length": 256, "train.global_batch_size": 2}}
+          "tiny_4k": {"train.seq_length": 256, "model.max_position_embeddings": 256, "train.global_batch_size": 2}}
 CHAIN = ["tiny_256", "tiny_1k", "tiny_4k"]
 
 

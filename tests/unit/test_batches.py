@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megaglm.training.batches import MicroBatchIterator, num_microbatches
+from megaglm.data.batching import MicroBatchIterator, num_microbatches
 
 
 class _Indexed:

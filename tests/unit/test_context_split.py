@@ -1,4 +1,4 @@
-"""CP index bookkeeping (megaglm.parallel.context) against a brute-force split.
+"""CP index bookkeeping (megaglm.parallel.context_parallel) against a brute-force split.
 
 The brute force below is written from the rule, token by token: documents that carry loss are padded
 at their end to a multiple of 2 x CP, the slack becomes one filler segment, every (padded) segment is
@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from megaglm.models.glm.attention import zigzag_gather_index
+from megaglm.parallel.zigzag import gather_index as zigzag_gather_index
 from megaglm.parallel import context as ctx
 
 

@@ -104,7 +104,7 @@ PUBLISHED = {
     "chatglm3_6b_128k": _thudm_published(28, 2, 65024, 131072, 500, 1e-05),
 }
 _ARCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-         "seq_length", "padded_vocab_size", "rotary_base", "rotary_percent", "rotary_interleaved",
+         "max_position_embeddings", "padded_vocab_size", "rotary_base", "rotary_percent", "rotary_interleaved",
          "layernorm_epsilon", "add_qkv_bias", "add_bias_linear", "untie_embeddings_and_output_weights")
 
 

@@ -115,7 +115,7 @@ def test_context_parallel_seq_split(glm9b):
 
 
 def test_long_train_seq_warns(glm9b):
-    with pytest.warns(UserWarning, match=r"train.seq_length=16384 exceeds model.seq_length=8192"):
+    with pytest.warns(UserWarning, match=r"train.seq_length=16384 exceeds model.max_position_embeddings=8192"):
         validate_layout(glm9b, P(), 1, T(seq_length=16384))
 
 

@@ -171,7 +171,7 @@ def test_build_tiny_model(megatron_rank):
     model = builder.build_model(m, ParallelConfig(), PrecisionConfig(), vocab_size=512)
     assert model.pre_process and model.post_process
     assert model.share_embeddings_and_output_weights is False
-    assert model.max_sequence_length == m.seq_length
+    assert model.max_sequence_length == m.max_position_embeddings
     assert model.rotary_pos_emb.rotary_interleaved is True
     # rotary_percent 0.5 of head dim 32 -> 16 rotated dims -> 8 frequencies, base 10000
     inv = model.rotary_pos_emb.inv_freq

@@ -21,7 +21,7 @@ from megaglm.models.glm.norm import RMSNorm
 )
 def test_select_backend(monkeypatch, caplog, te_imports, device, expected):
     monkeypatch.setattr(spec, "transformer_engine_available", lambda: te_imports)
-    with caplog.at_level(logging.INFO, logger=spec.__name__):
+    with caplog.at_level(logging.DEBUG, logger=spec.__name__):
         assert spec.select_backend(device) == expected
     assert f"layer backend: {expected}" in caplog.text
 

@@ -28,7 +28,7 @@ def model():
     from megaglm.models.glm.builder import build_model
 
     cfg = ModelConfig(name="sft_tiny", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                      num_query_groups=2, kv_channels=16, seq_length=64, rotary_base=10000.0,
+                      num_query_groups=2, kv_channels=16, max_position_embeddings=64, rotary_base=10000.0,
                       layernorm_epsilon=1e-5)
     with single_rank_megatron(seed=1234):
         m = build_model(cfg, ParallelConfig(), PrecisionConfig(), vocab_size=VOCAB)
@@ -63,7 +63,7 @@ def _zero(m):
 
 
 def test_packed_weighted_loss_equals_mean_of_unpacked_per_token_means(model):
-    from megaglm.parallel.context import prepare_micro_batch
+    from megaglm.parallel.context_parallel import prepare_micro_batch
 
     src = _source()
     table = prepare_sequences(src, seq_length=32)

@@ -10,7 +10,7 @@ signature (it takes the ``core_attention`` slot of ``SelfAttentionSubmodules``).
   concatenated along one ``[t, heads, dim]`` axis; ``cu_seqlens_q_padded`` (or ``cu_seqlens_q``) gives
   the document boundaries. A token attends only to earlier tokens of its own document.
 * **Context parallelism** over megatron's CP group, load-balanced ("zigzag") as megatron-core and
-  Transformer Engine lay it out (see :mod:`megaglm.parallel.context`): every sequence / document of
+  Transformer Engine lay it out (see :mod:`megaglm.parallel.context_parallel`): every sequence / document of
   (padded) length ``P`` is cut into ``2 x CP`` chunks of ``L = P / (2 CP)`` tokens and CP rank ``r``
   holds chunks ``r`` and ``2CP - 1 - r``. Each rank all-gathers K and V over the CP group with an
   autograd-aware all-gather (its backward sums the K/V gradients back to their owners: a
@@ -47,46 +47,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-__all__ = ["GLMCoreAttention", "zigzag_gather_index"]
+from megaglm.parallel.zigzag import chunk_length, gather_index, visible_keys
+
+__all__ = ["GLMCoreAttention"]
 
 _CACHE_ATTR = "_megaglm_attention_cache"
 _INDEX_CACHE: dict = {}  # (lengths, cp, device) -> gather index; bounded below
-
-
-def zigzag_gather_index(seq_lengths: list[int], cp_size: int) -> Tensor:
-    """Where each token of the natural (global) order sits after an all-gather of zigzag-split pieces.
-
-    Rank ``j`` holds, for every sequence ``i`` of length ``P_i`` (a multiple of ``2 x cp_size``), the
-    chunks ``j`` and ``2 cp - 1 - j`` of ``L_i = P_i / (2 cp)`` tokens, at local offset
-    ``sum_{k<i} P_k / cp``. Stacking the ranks' local tensors gives ``cp x t_local`` rows; this returns
-    the row of each global position.
-
-    Args:
-        seq_lengths: the (padded) lengths ``P_i`` in order; each divisible by ``2 x cp_size``.
-        cp_size: CP world size (>= 1).
-
-    Returns:
-        int64 ``[sum(P_i)]``: ``gathered.reshape(cp * t_local, ...)[index]`` is the natural order.
-
-    Raises:
-        ValueError: a length not divisible by ``2 x cp_size`` (with ``cp_size > 1``).
-    """
-    if cp_size == 1:
-        return torch.arange(sum(seq_lengths), dtype=torch.int64)
-    t_local = sum(seq_lengths) // cp_size
-    parts = []
-    local_offset = 0
-    for p in seq_lengths:
-        if p % (2 * cp_size):
-            raise ValueError(f"sequence length {p} is not divisible by 2 x CP = {2 * cp_size}")
-        half = p // (2 * cp_size)
-        chunk = torch.arange(2 * cp_size).repeat_interleave(half)  # chunk id of each position
-        within = torch.arange(p) % half
-        owner = torch.where(chunk < cp_size, chunk, 2 * cp_size - 1 - chunk)
-        second = (chunk >= cp_size).long()
-        parts.append(owner * t_local + local_offset + second * half + within)
-        local_offset += p // cp_size
-    return torch.cat(parts)
 
 
 class _AllGatherFirstDim(torch.autograd.Function):
@@ -207,15 +173,10 @@ class GLMCoreAttention(MegatronModule):
         k_off = 0
         for p in lengths:
             kd, vd = k_full[k_off:k_off + p], v_full[k_off:k_off + p]
-            if cp_size == 1:
-                pieces = [(q[q_off:q_off + p], p)]
-                q_off += p
-            else:
-                half = p // (2 * cp_size)
-                first = q[q_off:q_off + half]
-                second = q[q_off + half:q_off + 2 * half]
-                q_off += 2 * half
-                pieces = [(first, (cp_rank + 1) * half), (second, (2 * cp_size - cp_rank) * half)]
+            visible = visible_keys(p, cp_size, cp_rank)  # keys each local query chunk may see
+            chunk = chunk_length(p, cp_size)
+            pieces = [(q[q_off + i * chunk:q_off + (i + 1) * chunk], kv_len) for i, kv_len in enumerate(visible)]
+            q_off += chunk * len(visible)
             for qc, kv_len in pieces:
                 # [L, B, n, d] -> [B, n, L, d]
                 qq = qc.permute(1, 2, 0, 3)
@@ -234,7 +195,7 @@ class GLMCoreAttention(MegatronModule):
         if index is None:
             if len(_INDEX_CACHE) > 64:
                 _INDEX_CACHE.clear()
-            index = zigzag_gather_index(lengths, cp_size).to(k.device)
+            index = gather_index(lengths, cp_size).to(k.device)
             _INDEX_CACHE[key] = index
         kv = torch.stack([k, v], dim=1)  # [t_local, 2, ...]
         full = _AllGatherFirstDim.apply(kv, group).index_select(0, index)  # [sum(lengths), 2, ...]
@@ -294,7 +255,7 @@ class GLMCoreAttention(MegatronModule):
             if sum(lengths) != query.shape[0] * cp_size:
                 raise ValueError(
                     f"packed attention: cu_seqlens cover {sum(lengths)} tokens but this rank holds "
-                    f"{query.shape[0]} x CP {cp_size}; split batches with megaglm.parallel.context"
+                    f"{query.shape[0]} x CP {cp_size}; split batches with megaglm.parallel.context_parallel"
                 )
             q, k, v = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)  # [t, 1, h, d]
         else:

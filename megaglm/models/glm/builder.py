@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from megaglm.models.glm.precision import DTYPES, mixed_precision_fields
 from megaglm.models.glm.rope import (config_rope_attributes, gptmodel_rope_kwargs, install_rope,
                                      rope_settings)
 from megaglm.models.glm.spec import (check_attention_backend, core_attention_class, glm_block_spec,
@@ -28,30 +29,15 @@ __all__ = [
     "DTYPES",
     "padded_vocab_size",
     "effective_sequence_parallel",
+    "transformer_config_fields",
     "transformer_config",
     "build_model",
     "build_model_chunks",
     "count_parameters",
-    "check_fp8_seq_length",
-    "ddp_precision_fields",
     "initialize_tp_comm_overlap",
 ]
 
 logger = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Our PrecisionConfig.fp8_recipe -> megatron-core's Fp8Recipe value. "current" = current (per-tensor)
-# scaling, which megatron calls "tensorwise".
-_FP8_RECIPES = {
-    "delayed": "delayed",
-    "tensorwise": "tensorwise",
-    "current": "tensorwise",
-    "mxfp8": "mxfp8",
-    "blockwise": "blockwise",
-}
-_FP8_FORMATS = ("e4m3", "hybrid")
-
 
 def padded_vocab_size(model_cfg: ModelConfig, tokenizer_vocab_size: int, tensor_model_parallel_size: int) -> int:
     """The embedding / output-layer row count.
@@ -158,137 +144,6 @@ def _recompute_fields(train_cfg: Optional[TrainConfig]) -> dict:
     return {"recompute_granularity": "selective"}
 
 
-def _cuda_capability() -> Optional[tuple[int, int]]:
-    """``(major, minor)`` compute capability of the current CUDA device; None without CUDA."""
-    try:
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return int(major), int(minor)
-    except Exception:
-        pass
-    return None
-
-
-def _te_state() -> str:
-    return "imports" if transformer_engine_available() else "is not installed"
-
-
-def _fp8_fields(precision_cfg: PrecisionConfig, device_type: str, model_cfg: Optional[ModelConfig] = None,
-                parallel_cfg: Optional[ParallelConfig] = None) -> dict:
-    """megatron-core's FP8 fields from ``precision.*``, after checking the request can run here.
-
-    FP8 needs Transformer Engine on a CUDA device of compute capability >= 8.9 (Ada / Hopper); the
-    ``mxfp8`` recipe needs >= 10.0 (Blackwell). ``first_last_layers_bf16`` is refused with ``delayed``
-    (megatron-core does not support it) and its counts must fit in one pipeline stage's layers.
-    ``fp8_param_gather`` maps to ``TransformerConfig.fp8_param`` (TE keeps the compute weights in FP8);
-    the DDP side is :func:`ddp_precision_fields`.
-
-    Raises:
-        ValueError: naming the ``precision.*`` key and what to change.
-    """
-    if precision_cfg.fp8 is None:
-        if precision_cfg.fp8_param_gather:
-            raise ValueError("precision.fp8_param_gather=true needs FP8 (precision.fp8 set, e.g. "
-                             "precision=fp8_hybrid_delayed); set precision.fp8_param_gather=false")
-        return {}
-    fmt = str(precision_cfg.fp8)
-    if fmt not in _FP8_FORMATS:
-        raise ValueError(f"precision.fp8={fmt!r}: expected null, 'e4m3' or 'hybrid'")
-    if device_type != "cuda" or not transformer_engine_available():
-        raise ValueError(
-            f"precision.fp8={fmt!r} needs Transformer Engine on a CUDA device (device={device_type}, "
-            f"transformer_engine {_te_state()}); use precision=bf16 (or fp32), or set precision.fp8=null "
-            "for this run"
-        )
-    recipe = _FP8_RECIPES.get(str(precision_cfg.fp8_recipe))
-    if recipe is None:
-        raise ValueError(
-            f"precision.fp8_recipe={precision_cfg.fp8_recipe!r}: expected one of {sorted(_FP8_RECIPES)}"
-        )
-    cap = _cuda_capability()
-    if cap is not None:
-        if cap < (8, 9):
-            raise ValueError(
-                f"precision.fp8={fmt!r} needs a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell); "
-                f"this one is sm_{cap[0]}{cap[1]}. Use precision=bf16"
-            )
-        if recipe == "mxfp8" and cap < (10, 0):
-            raise ValueError(
-                f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0); this one is "
-                f"sm_{cap[0]}{cap[1]}. On Hopper use precision=fp8_current or precision=fp8_hybrid_delayed"
-            )
-    algo = str(precision_cfg.fp8_amax_compute_algo)
-    if algo not in ("max", "most_recent"):
-        raise ValueError(f"precision.fp8_amax_compute_algo={algo!r}: expected 'max' or 'most_recent'")
-    if int(precision_cfg.fp8_amax_history_len) < 1:
-        raise ValueError(f"precision.fp8_amax_history_len={precision_cfg.fp8_amax_history_len} must be >= 1")
-    if int(precision_cfg.fp8_margin) < 0:
-        raise ValueError(f"precision.fp8_margin={precision_cfg.fp8_margin} must be >= 0")
-    fields = {
-        "fp8": fmt,
-        "fp8_recipe": recipe,
-        "fp8_margin": int(precision_cfg.fp8_margin),
-        "fp8_amax_history_len": int(precision_cfg.fp8_amax_history_len),
-        "fp8_amax_compute_algo": algo,
-        "fp8_wgrad": bool(precision_cfg.fp8_wgrad),
-        "fp8_param": bool(precision_cfg.fp8_param_gather),
-    }
-    if precision_cfg.fp8_param_gather and parallel_cfg is not None and not parallel_cfg.use_distributed_optimizer:
-        raise ValueError(
-            "precision.fp8_param_gather=true needs parallel.use_distributed_optimizer=true (FP8 weights are "
-            "gathered by the distributed optimizer); set one or the other"
-        )
-    if precision_cfg.first_last_layers_bf16:
-        if recipe == "delayed":
-            raise ValueError(
-                "precision.first_last_layers_bf16=true does not work with precision.fp8_recipe=delayed "
-                "(megatron-core: delayed scaling keeps every layer in FP8); use precision=fp8_current, or "
-                "set precision.first_last_layers_bf16=false"
-            )
-        start, end = int(precision_cfg.num_layers_at_start_in_bf16), int(precision_cfg.num_layers_at_end_in_bf16)
-        if model_cfg is not None:
-            pp = int(parallel_cfg.pipeline_model_parallel_size) if parallel_cfg is not None else 1
-            per_stage = int(model_cfg.num_layers) // max(pp, 1)
-            for key, n in (("num_layers_at_start_in_bf16", start), ("num_layers_at_end_in_bf16", end)):
-                if not 0 <= n <= per_stage:
-                    raise ValueError(
-                        f"precision.{key}={n} must be between 0 and the layers per pipeline stage "
-                        f"({per_stage} = model.num_layers {model_cfg.num_layers} / PP {pp})"
-                    )
-        fields.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=start,
-                      num_layers_at_end_in_bf16=end)
-    return fields
-
-
-def check_fp8_seq_length(precision_cfg: PrecisionConfig, parallel_cfg: ParallelConfig, seq_length: int) -> None:
-    """Refuse a sequence length whose per-rank token count does not suit the FP8 recipe.
-
-    Uses :mod:`megaglm.parallel.alignment` (tokens per rank after the CP split into 2 x CP chunks and the
-    SP split must be a multiple of 16 for delayed / current scaling, 32 for MXFP8). No check without FP8
-    or for recipes the calculator has no rule for (``blockwise``).
-
-    Raises:
-        ValueError: naming ``train.seq_length`` and the next valid length.
-    """
-    from megaglm.parallel.alignment import pad_seq_length, required_multiple
-
-    if precision_cfg.fp8 is None or str(precision_cfg.fp8_recipe) == "blockwise":
-        return
-    tp = int(parallel_cfg.tensor_model_parallel_size)
-    sp = bool(parallel_cfg.sequence_parallel) and tp > 1
-    cp = int(parallel_cfg.context_parallel_size)
-    recipe = str(precision_cfg.fp8_recipe)
-    padded = pad_seq_length(int(seq_length), tp, sp, cp, recipe)
-    if padded != int(seq_length):
-        raise ValueError(
-            f"train.seq_length={seq_length} does not suit FP8 recipe {recipe!r} with TP={tp}"
-            f"{' + SP' if sp else ''}, CP={cp}: lengths must be multiples of "
-            f"{required_multiple(tp, sp, cp, recipe)} (tokens per rank after the CP and SP splits a multiple of "
-            f"{32 if recipe == 'mxfp8' else 16}); use train.seq_length={padded} "
-            "(megaglm.parallel.alignment.pad_seq_length)"
-        )
-
-
 # train.<name> -> (available here?, what it needs). Evaluated per call: see _fusion_fields.
 def _fusion_availability(device_type: str, backend: str) -> dict[str, tuple[bool, str]]:
     on_cuda = device_type == "cuda"
@@ -355,7 +210,7 @@ def _perf_fields(parallel_cfg: ParallelConfig, train_cfg: Optional[TrainConfig],
         if backend != "te":
             raise ValueError(
                 "parallel.tp_comm_overlap=true needs Transformer Engine on a CUDA device (userbuffers); "
-                f"device={device_type}, transformer_engine {_te_state()}"
+                f"device={device_type}, transformer_engine {'imports' if transformer_engine_available() else 'is not installed'}"
             )
         if int(parallel_cfg.tensor_model_parallel_size) < 2 or not parallel_cfg.sequence_parallel:
             raise ValueError(
@@ -373,12 +228,6 @@ def _perf_fields(parallel_cfg: ParallelConfig, train_cfg: Optional[TrainConfig],
             raise ValueError("train.cuda_graph_impl=transformer_engine needs Transformer Engine; use none or local")
         fields["cuda_graph_impl"] = graph
     return fields
-
-
-def ddp_precision_fields(precision_cfg: PrecisionConfig) -> dict:
-    """``DistributedDataParallelConfig`` fields that follow the precision config:
-    ``fp8_param_gather`` (all-gather the FP8 compute weights)."""
-    return {"fp8_param_gather": bool(precision_cfg.fp8 is not None and precision_cfg.fp8_param_gather)}
 
 
 _UB_INITIALIZED = False
@@ -407,23 +256,24 @@ def initialize_tp_comm_overlap(config, seq_length: int, micro_batch_size: int) -
     return True
 
 
-def transformer_config(
+def transformer_config_fields(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,
     precision_cfg: PrecisionConfig,
     train_cfg: Optional[TrainConfig] = None,
     device_type: str = "cpu",
-):
-    """The megatron-core ``TransformerConfig`` of a GLM model under a parallel layout and precision.
+) -> dict:
+    """The checked keyword arguments of megatron-core's ``TransformerConfig`` for a GLM model under a
+    parallel layout and precision (:func:`transformer_config` builds the config from them).
 
     Architecture: RMSNorm (``layernorm_epsilon``), SwiGLU (``gated_linear_unit=True`` + ``silu``),
     bias only on QKV, GQA (``num_query_groups``), head dim ``kv_channels``, interleaved partial RoPE
     (``rotary_interleaved``; the rotary fraction and base are ``GPTModel`` arguments, see
-    :func:`build_model`). Loss: ``calculate_per_token_loss=True`` (DESIGN.md "Loss normalization").
+    :func:`build_model`). Loss: ``calculate_per_token_loss=True`` (docs/design.md, "Loss normalization").
 
     Parallel sizes: TP / PP / VPP (only with PP > 1) / CP, sequence parallelism (off at TP=1, see
-    :func:`effective_sequence_parallel`). Precision: ``params_dtype`` and ``pipeline_dtype`` from
-    ``precision.params_dtype``, ``bf16`` / ``fp16`` flags, FP8 fields when ``precision.fp8`` is set.
+    :func:`effective_sequence_parallel`). Precision: :func:`megaglm.models.glm.precision.mixed_precision_fields`
+    (``params_dtype``, ``pipeline_dtype``, ``bf16`` / ``fp16``, the FP8 fields; TE on CUDA for FP8).
     Recompute fields from ``train_cfg``.
 
     On CPU every fused kernel is off and parameters are created with CPU initialization. On CUDA each
@@ -431,12 +281,8 @@ def transformer_config(
     cross entropy) are on, RoPE fusion only with TE >= 2.3 (interleaved RoPE), masked-softmax and
     gradient-accumulation fusion only when their CUDA extensions (``scaled_masked_softmax_cuda``, Apex's
     ``fused_weight_gradient_mlp_cuda``) import; a fusion set to true where it cannot run is refused.
-    FP8 fields (``fp8``, ``fp8_recipe``, ``fp8_margin``, ``fp8_amax_history_len``,
-    ``fp8_amax_compute_algo``, ``fp8_wgrad``, ``fp8_param``, ``first_last_layers_bf16``,
-    ``num_layers_at_{start,end}_in_bf16``) come from ``precision.*`` and need TE on CUDA (see
-    ``_fp8_fields``); with FP8 and a ``train_cfg``, ``train.seq_length`` must suit the recipe under the
-    layout (:func:`check_fp8_seq_length`). ``tp_comm_overlap`` (``parallel.tp_comm_overlap``) and
-    ``cuda_graph_impl`` (``train.cuda_graph_impl``, default none) are checked the same way.
+    ``tp_comm_overlap`` (``parallel.tp_comm_overlap``) and ``cuda_graph_impl`` (``train.cuda_graph_impl``,
+    default none) are checked the same way.
 
     ``deallocate_pipeline_outputs`` is on everywhere (as in Megatron-LM). On CPU it matters for
     correctness too: megatron's schedules then call the autograd engine directly instead of
@@ -450,25 +296,14 @@ def transformer_config(
 
     Raises:
         ValueError: unknown ``precision.params_dtype``; FP8 without Transformer Engine on CUDA (or on a
-            GPU that lacks the recipe); a sequence length FP8 cannot run; a fusion, comm overlap or CUDA
-            graph asked for where it cannot run; bad recompute settings; or megatron-core's own checks
-            (e.g. heads not divisible by TP).
+            GPU that lacks the recipe); a fusion, comm overlap or CUDA graph asked for where it cannot
+            run; bad recompute, attention-backend or RoPE settings.
     """
-    from megatron.core.transformer import TransformerConfig
-
     device_type = str(device_type).lower()
     backend = select_backend(device_type)
-    if precision_cfg.params_dtype not in DTYPES:
-        raise ValueError(
-            f"precision.params_dtype={precision_cfg.params_dtype!r}: expected one of {sorted(DTYPES)}"
-        )
-    params_dtype = DTYPES[precision_cfg.params_dtype]
-    on_cpu = device_type == "cpu"
     pp = int(parallel_cfg.pipeline_model_parallel_size)
     vpp = parallel_cfg.virtual_pipeline_model_parallel_size
     vpp = int(vpp) if (vpp is not None and pp > 1 and int(vpp) > 1) else None
-
-    fusions = _fusion_fields(train_cfg, device_type, backend)
 
     kwargs = dict(
         # architecture
@@ -496,28 +331,42 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=int(parallel_cfg.context_parallel_size),
         sequence_parallel=effective_sequence_parallel(parallel_cfg),
-        # precision
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
         # loss rule: sum over tokens / one global count
         calculate_per_token_loss=True,
         # implementation
         transformer_impl="transformer_engine" if backend == "te" else "local",
-        use_cpu_initialization=on_cpu,
+        use_cpu_initialization=device_type == "cpu",
         # As Megatron-LM does. It also makes megatron's schedules run backward through the autograd engine
         # directly (custom_backward), not through torch.autograd.backward.
         deallocate_pipeline_outputs=True,
-        **fusions,
+        **_fusion_fields(train_cfg, device_type, backend),
     )
-    kwargs.update(_fp8_fields(precision_cfg, device_type, model_cfg, parallel_cfg))
+    kwargs.update(mixed_precision_fields(precision_cfg, device_type, model_cfg, parallel_cfg).transformer)
     kwargs.update(_perf_fields(parallel_cfg, train_cfg, device_type, backend))
-    if train_cfg is not None:
-        check_fp8_seq_length(precision_cfg, parallel_cfg, int(train_cfg.seq_length))
     kwargs.update(_recompute_fields(train_cfg))
     kwargs.update(_context_fields(model_cfg, parallel_cfg, backend))
-    config = TransformerConfig(**kwargs)
+    return kwargs
+
+
+def transformer_config(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    precision_cfg: PrecisionConfig,
+    train_cfg: Optional[TrainConfig] = None,
+    device_type: str = "cpu",
+    fields: Optional[dict] = None,
+):
+    """The megatron-core ``TransformerConfig`` of a GLM model (fields: :func:`transformer_config_fields`,
+    or ``fields`` when given, e.g. a run plan's), with the RoPE scaling attributes set.
+
+    Raises:
+        ValueError: see :func:`transformer_config_fields`; or megatron-core's own checks.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    if fields is None:
+        fields = transformer_config_fields(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type)
+    config = TransformerConfig(**fields)
     for name, value in config_rope_attributes(model_cfg).items():  # YaRN temperature (rope.py)
         setattr(config, name, value)
     return config
@@ -596,7 +445,7 @@ def build_model(
 
     Returns:
         ``GPTModel`` with ``position_embedding_type="rope"``, ``rotary_percent`` / ``rotary_base`` from
-        the model config, ``max_sequence_length=model_cfg.seq_length`` and untied embeddings (per
+        the model config, ``max_sequence_length=model.max_position_embeddings`` and untied embeddings (per
         ``model.untie_embeddings_and_output_weights``). ``forward(input_ids [b, s], position_ids [b, s],
         attention_mask=None, labels=None)`` returns logits ``[b, s, vocab/TP]`` (last stage, no labels),
         per-token losses ``[b, s]`` (with labels), or hidden states ``[s, b, h]`` (other stages).
@@ -639,7 +488,7 @@ def build_model(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=int(vocab_size),
-        max_sequence_length=int(model_cfg.seq_length),
+        max_sequence_length=int(model_cfg.max_position_embeddings),
         pre_process=bool(pre_process),
         post_process=bool(post_process),
         parallel_output=True,
@@ -661,17 +510,19 @@ def build_model_chunks(
     train_cfg: Optional[TrainConfig] = None,
     device_type: str = "cpu",
     core_attention: Optional[type] = None,
+    config_fields: Optional[dict] = None,
 ) -> list:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (a single one without VPP).
 
     With VPP, chunk ``i`` holds layers of virtual stage ``i`` (megatron's interleaved assignment); only
     chunk 0 of PP rank 0 has the embedding and only the last chunk of the last PP rank has the final
-    norm and output layer. All chunks share one ``TransformerConfig``. The list is what megatron's
-    interleaved schedule (``get_forward_backward_func``) expects as ``model``.
+    norm and output layer. All chunks share one ``TransformerConfig`` (built from ``config_fields`` when
+    given -- a run plan's, checked once at pre-flight -- else from the configs). The list is what
+    megatron's interleaved schedule (``get_forward_backward_func``) expects as ``model``.
     """
-    config = transformer_config(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type)
+    config = transformer_config(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type, config_fields)
     if config.tp_comm_overlap:  # TE userbuffers must exist before the TE layers are built
-        initialize_tp_comm_overlap(config, int(train_cfg.seq_length if train_cfg else model_cfg.seq_length),
+        initialize_tp_comm_overlap(config, int(train_cfg.seq_length if train_cfg else model_cfg.max_position_embeddings),
                                    int(train_cfg.micro_batch_size if train_cfg else 1))
     vpp = config.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))

@@ -675,14 +675,14 @@ def _hf_rope(hf_config) -> tuple[float, float, Optional[Mapping]]:
     return float(theta), float(factor), params if isinstance(params, Mapping) else None
 
 
-def model_config_from_hf(hf_config, name: str = "hf_glm", seq_length: Optional[int] = None):
+def model_config_from_hf(hf_config, name: str = "hf_glm", max_position_embeddings: Optional[int] = None):
     """A :class:`megaglm.config.ModelConfig` equivalent to a transformers ``GlmConfig``.
 
     Args:
         hf_config: a ``GlmConfig`` or its ``config.json`` as a dict (transformers 4.x ``rope_theta`` /
             ``partial_rotary_factor`` or 5.x ``rope_parameters``).
         name: the preset name to record.
-        seq_length: defaults to ``hf_config.max_position_embeddings``.
+        max_position_embeddings: defaults to ``hf_config.max_position_embeddings``.
 
     Raises:
         NotImplementedError: the HF config uses RoPE scaling other than the default, tied embeddings,
@@ -708,7 +708,8 @@ def model_config_from_hf(hf_config, name: str = "hf_glm", seq_length: Optional[i
         num_attention_heads=dims.num_attention_heads,
         num_query_groups=dims.num_query_groups,
         kv_channels=dims.head_dim,
-        seq_length=int(seq_length if seq_length is not None else cfg_get(hf_config, "max_position_embeddings")),
+        max_position_embeddings=int(max_position_embeddings if max_position_embeddings is not None
+                                    else cfg_get(hf_config, "max_position_embeddings")),
         padded_vocab_size=int(cfg_get(hf_config, "vocab_size")),
         rotary_base=theta,
         rotary_percent=factor,
@@ -790,7 +791,7 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, dtype: str = "float3
         "hidden_act": "silu",
         "attention_bias": bool(cfg_get(model_cfg, "add_qkv_bias", True)),
         "attention_dropout": float(cfg_get(model_cfg, "attention_dropout", 0.0)),
-        "max_position_embeddings": int(cfg_get(model_cfg, "seq_length")),
+        "max_position_embeddings": int(cfg_get(model_cfg, "max_position_embeddings")),
         "rms_norm_eps": float(cfg_get(model_cfg, "layernorm_epsilon")),
         "initializer_range": float(cfg_get(model_cfg, "init_method_std", 0.02)),
         "tie_word_embeddings": False,

@@ -87,7 +87,8 @@ def select_backend(device_type: str) -> Backend:
         device_type: ``"cuda"`` or ``"cpu"`` (``Platform.device_type``).
 
     Returns:
-        ``"te"`` or ``"local"``; the choice and its reason are logged at INFO.
+        ``"te"`` or ``"local"``; the choice and its reason are logged at DEBUG (the run's start-up line
+        names the backend).
 
     Raises:
         ValueError: ``device_type`` is neither ``"cuda"`` nor ``"cpu"``.
@@ -96,12 +97,12 @@ def select_backend(device_type: str) -> Backend:
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
     if device_type != "cuda":
-        logger.info("layer backend: local (device is %s; Transformer Engine is GPU only)", device_type)
+        logger.debug("layer backend: local (device is %s; Transformer Engine is GPU only)", device_type)
         return "local"
     if not transformer_engine_available():
-        logger.info("layer backend: local (device is cuda but transformer_engine does not import)")
+        logger.debug("layer backend: local (device is cuda but transformer_engine does not import)")
         return "local"
-    logger.info("layer backend: te (Transformer Engine on CUDA)")
+    logger.debug("layer backend: te (Transformer Engine on CUDA)")
     return "te"
 
 

@@ -145,7 +145,7 @@ def dims_from_thudm_config(config: Mapping, padded_vocab_size: Optional[int] = N
 def model_config_from_thudm(config: Mapping, name: str = "thudm_chatglm"):
     """A :class:`megaglm.config.ModelConfig` equivalent to a THUDM ``config.json``.
 
-    ``rotary_base = 10000 * rope_ratio``; ``seq_length`` from ``seq_length``; groups from
+    ``rotary_base = 10000 * rope_ratio``; ``max_position_embeddings`` from ``seq_length``; groups from
     ``multi_query_group_num`` (or the head count without ``multi_query_attention``).
 
     Raises:
@@ -178,7 +178,7 @@ def model_config_from_thudm(config: Mapping, name: str = "thudm_chatglm"):
         num_attention_heads=dims.num_attention_heads,
         num_query_groups=dims.num_query_groups,
         kv_channels=dims.head_dim,
-        seq_length=int(_c(config, "seq_length")),
+        max_position_embeddings=int(_c(config, "seq_length")),
         padded_vocab_size=int(dims.vocab_size),
         rotary_base=10000.0 * float(_c(config, "rope_ratio")),
         rotary_percent=0.5,
@@ -230,7 +230,7 @@ def thudm_config_from_model_config(model_cfg, vocab_size: int, dtype: str = "flo
         "multi_query_attention": groups != heads,
         "multi_query_group_num": groups,
         "padded_vocab_size": int(vocab_size),
-        "seq_length": int(cfg_get(model_cfg, "seq_length")),
+        "seq_length": int(cfg_get(model_cfg, "max_position_embeddings")),
         "layernorm_epsilon": float(cfg_get(model_cfg, "layernorm_epsilon")),
         "rope_ratio": _number(float(cfg_get(model_cfg, "rotary_base")) / 10000.0),
         "add_qkv_bias": bool(cfg_get(model_cfg, "add_qkv_bias", True)),

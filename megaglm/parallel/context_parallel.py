@@ -40,11 +40,12 @@ Unpacked rows (no ``cu_seqlens``, e.g. pretraining windows) are split per row al
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+
+from megaglm.parallel.zigzag import chunk_ids, num_chunks, zigzag_positions
 
 __all__ = [
     "pad_multiple",
@@ -56,17 +57,9 @@ __all__ = [
     "plan_cp_split",
     "split_micro_batch",
     "gather_cp_output",
-    "chunk_ids",
     "prepare_micro_batch",
-    "check_long_context_config",
+    "MicroBatchLayout",
 ]
-
-
-def chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
-    """The two of the ``2 x CP`` chunks rank ``cp_rank`` holds: ``(r, 2CP - 1 - r)``."""
-    if not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank={cp_rank} out of range for CP size {cp_size}")
-    return cp_rank, 2 * cp_size - 1 - cp_rank
 
 
 def pad_multiple(cp_size: int) -> int:
@@ -78,9 +71,7 @@ def pad_multiple(cp_size: int) -> int:
     which the layout checks already make a multiple of those (:mod:`megaglm.parallel.alignment`), so
     no per-segment padding is needed for them.
     """
-    if int(cp_size) < 1:
-        raise ValueError(f"cp_size={cp_size} must be >= 1")
-    return 2 * int(cp_size) if int(cp_size) > 1 else 1
+    return num_chunks(cp_size)
 
 
 def padded_length(n: int, multiple: int) -> int:
@@ -199,15 +190,6 @@ class CPSplitPlan:
     segment_starts: tuple[int, ...] = ()
 
 
-def _zigzag_positions(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Positions (0..length-1) of one sequence that rank ``cp_rank`` holds, in its local order."""
-    if cp_size == 1:
-        return torch.arange(length)
-    half = length // (2 * cp_size)
-    a, b = chunk_ids(cp_size, cp_rank)
-    return torch.cat([torch.arange(a * half, (a + 1) * half), torch.arange(b * half, (b + 1) * half)])
-
-
 def plan_cp_split(b: int, s: int, cp_size: int, cp_rank: int, cu_seqlens: Any = None,
                   multiple: Optional[int] = None, segment_weights: Optional[Sequence[float]] = None
                   ) -> CPSplitPlan:
@@ -232,7 +214,7 @@ def plan_cp_split(b: int, s: int, cp_size: int, cp_rank: int, cu_seqlens: Any = 
     if cu_seqlens is None:
         if cp_size > 1 and s % (2 * cp_size):
             raise ValueError(f"sequence length {s} is not divisible by 2 x CP = {2 * cp_size}")
-        pos = _zigzag_positions(s, cp_size, cp_rank)
+        pos = zigzag_positions(s, cp_size, cp_rank)
         index = (torch.arange(b).unsqueeze(1) * s + pos.unsqueeze(0)).reshape(-1)
         return CPSplitPlan(cp_size, cp_rank, (b, s), False, index, (b, s // cp_size), pos.repeat(b))
 
@@ -257,7 +239,7 @@ def plan_cp_split(b: int, s: int, cp_size: int, cp_rank: int, cu_seqlens: Any = 
         raise ValueError(
             f"the packed micro-batch's {len(kept)} documents take {room} tokens after padding each to a "
             f"multiple of {m} (2 x CP, context parallelism), more than its {total}: the packer must leave "
-            f"room (sum of megaglm.parallel.context.padded_length(n, {m}) <= {total})"
+            f"room (sum of megaglm.parallel.context_parallel.padded_length(n, {m}) <= {total})"
         )
     has_filler = room < total
     if has_filler:  # slack -> one final filler segment (all padding)
@@ -428,7 +410,7 @@ def _replan(plan: CPSplitPlan, rank: int) -> CPSplitPlan:
         return plan_cp_split(b, s, plan.cp_size, rank)
     idx_parts, pos_parts = [], []
     for start, n_real, p in zip(plan.segment_starts, plan.seq_lengths, plan.padded_lengths):
-        pos = _zigzag_positions(p, plan.cp_size, rank)
+        pos = zigzag_positions(p, plan.cp_size, rank)
         if start < 0:  # filler
             idx_parts.append(torch.full_like(pos, -1))
         else:
@@ -439,29 +421,32 @@ def _replan(plan: CPSplitPlan, rank: int) -> CPSplitPlan:
                        plan.segment_starts)
 
 
-def _layout_multiple(config, cp_size: int) -> int:
-    """The sequence multiple the layout needs of a packed micro-batch's ``b x s`` (SP and FP8)."""
-    from megaglm.parallel.alignment import FP8_TOKEN_MULTIPLE, normalize_recipe
+@dataclass(frozen=True)
+class MicroBatchLayout:
+    """How this rank cuts the micro-batches it runs (built once per run from the run plan's layout and
+    megatron's ``parallel_state`` ranks).
 
-    tp = int(getattr(config, "tensor_model_parallel_size", 1))
-    sp_split = tp if (getattr(config, "sequence_parallel", False) and tp > 1) else 1
-    token_multiple = 1
-    if getattr(config, "fp8", None):
-        recipe = str(getattr(config, "fp8_recipe", "delayed")).split(".")[-1].lower()
-        try:
-            token_multiple = FP8_TOKEN_MULTIPLE[normalize_recipe(recipe)]
-        except ValueError:
-            token_multiple = 1
-    return math.lcm(pad_multiple(cp_size), cp_size * sp_split * token_multiple)
+    Attributes:
+        cp_size, cp_rank: the context-parallel layout.
+        seq_multiple: a packed micro-batch's ``b x s`` must divide by it (the layout's sequence multiple,
+            :func:`megaglm.parallel.alignment.required_multiple`: ``2 x CP``, CP x TP under sequence
+            parallelism, the FP8 token multiple).
+        pipeline_parallel: PP > 1 (packed micro-batches must then be one row).
+    """
+
+    cp_size: int = 1
+    cp_rank: int = 0
+    seq_multiple: int = 1
+    pipeline_parallel: bool = False
 
 
-def prepare_micro_batch(batch: dict, model) -> dict:
-    """The micro-batch a model chunk of this rank runs: :func:`split_micro_batch` with the layout of
-    megatron's ``parallel_state`` and the model's config, on the model's device.
+def prepare_micro_batch(batch: dict, layout: MicroBatchLayout, device: Optional[torch.device] = None) -> dict:
+    """The micro-batch a model chunk of this rank runs: :func:`split_micro_batch` under ``layout``.
 
     Args:
         batch: the micro-batch dict (module docstring).
-        model: a ``GPTModel`` (or DDP / Float16Module wrapper) of this rank.
+        layout: this rank's :class:`MicroBatchLayout`.
+        device: where the tensors go (the model's device).
 
     Returns:
         See :func:`split_micro_batch`.
@@ -471,60 +456,11 @@ def prepare_micro_batch(batch: dict, model) -> dict:
             parallelism (the pipeline's tensor shapes are ``[s / CP, b, h]``; a packed micro-batch runs as
             one row of ``b x s``: use ``train.micro_batch_size=1`` with packing and PP > 1).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model)
-    device = next(model.parameters()).device
-    cp_size = ps.get_context_parallel_world_size()
-    cp_rank = ps.get_context_parallel_rank()
-    if batch.get("cu_seqlens") is not None and batch["tokens"].shape[0] > 1 \
-            and ps.get_pipeline_model_parallel_world_size() > 1:
+    if batch.get("cu_seqlens") is not None and batch["tokens"].shape[0] > 1 and layout.pipeline_parallel:
         raise ValueError(
             f"a packed micro-batch of {batch['tokens'].shape[0]} rows with pipeline parallelism: packed rows "
             "run flattened as one row, which the pipeline's fixed [s/CP, b, h] shapes do not allow; use "
             "train.micro_batch_size=1 with packed data and PP > 1"
         )
-    return split_micro_batch(batch, cp_size, cp_rank, total_multiple=_layout_multiple(config, cp_size),
+    return split_micro_batch(batch, layout.cp_size, layout.cp_rank, total_multiple=layout.seq_multiple,
                              device=device)
-
-
-def check_long_context_config(cfg, device_type: str) -> None:
-    """Config-time checks of the long-context settings, before process groups or the model exist.
-
-    * the attention backend can run the layout (CP > 1 needs ``sdpa`` or TE; ``te`` needs the TE spec;
-      ``cp_comm_type`` known; ``a2a`` head divisibility);
-    * the RoPE settings are valid (:func:`megaglm.models.glm.rope.rope_settings`);
-    * ``train.seq_length`` splits into ``2 x CP`` chunks (also :func:`megaglm.parallel.layout.validate_layout`);
-    * the stage's evaluation lengths split as CP needs.
-
-    Raises:
-        ValueError: naming the key and what to change.
-    """
-    from megaglm.models.glm.rope import rope_settings
-    from megaglm.models.glm.spec import check_attention_backend, select_backend
-
-    cp = int(cfg.parallel.context_parallel_size)
-    m = cfg.model
-    check_attention_backend(m.get("attention_backend", "auto") if hasattr(m, "get") else m.attention_backend,
-                            select_backend(device_type) == "te", cp,
-                            cfg.parallel.get("cp_comm_type", "p2p") if hasattr(cfg.parallel, "get")
-                            else cfg.parallel.cp_comm_type,
-                            int(m.num_attention_heads), int(m.num_query_groups),
-                            int(cfg.parallel.tensor_model_parallel_size))
-    rope_settings(m)
-    seq = int(cfg.train.seq_length)
-    if cp > 1 and seq % (2 * cp):
-        raise ValueError(
-            f"train.seq_length={seq} is not divisible by 2 x parallel.context_parallel_size ({cp}) = {2 * cp}; "
-            "each CP rank holds two equal chunks of every sequence"
-        )
-    stage = cfg.get("stage") if hasattr(cfg, "get") else getattr(cfg, "stage", None)
-    if stage is not None and stage.get("name") and stage.eval.enabled:
-        for key in ("lengths", "passkey_lengths"):
-            for n in stage.eval[key]:
-                if int(n) < 1 or (cp > 1 and int(n) % (2 * cp)):
-                    raise ValueError(
-                        f"stage.eval.{key} has {n}: evaluation lengths must be positive multiples of "
-                        f"2 x parallel.context_parallel_size = {2 * cp}"
-                    )
