@@ -18,7 +18,7 @@ CLI::
 
     megaglm-preprocess --input FILE_OR_DIR [--input ...] --output-prefix PREFIX \\
         [--tokenizer-type cl100k_glm|glm4] [--tokenizer-model PATH] [--json-key text] \\
-        [--skip-bad-lines] [--workers N] [--quiet]
+        [--skip-bad-lines] [--workers N] [--processes N] [--quiet]
 
 ``--format chat`` reads conversations instead (``{"messages": [...]}`` per JSONL line) and writes a chat
 dataset for LongAlign SFT: see :mod:`megaglm.data.sft_preprocess` (``--max-length``, ``--overlong``,
@@ -334,6 +334,7 @@ def preprocess(
     workers: int = 1,
     progress: bool = True,
     log: Any = None,
+    processes: int = 1,
 ) -> PreprocessSummary:
     """Tokenize the inputs into ``output_prefix.bin`` / ``output_prefix.idx``.
 
@@ -346,8 +347,12 @@ def preprocess(
         json_key: the JSONL field holding the text.
         skip_bad_lines: count and skip malformed JSONL lines / lines without a string ``json_key``
             instead of stopping.
-        workers: tokenizer threads.
+        workers: tokenizer threads (per process).
         progress: show a tqdm bar (on stderr).
+        processes: worker processes. Above 1 the inputs are cut into shards tokenized in parallel and
+            concatenated in order (:func:`megaglm.data.recipe.tokenize.tokenize_source`, the
+            ``megaglm-data tokenize`` path; same dataset, and an interrupted run resumes from
+            ``PREFIX.work/``).
         log: where to print the summary (a callable taking a str); None = don't print.
 
     Returns:
@@ -379,7 +384,6 @@ def preprocess(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     summary = PreprocessSummary(output_prefix=prefix, dtype=np.dtype(dtype).name)
     skips = _Skips()
-    eod = int(tokenizer.eod)
     workers = max(1, int(workers))
 
     name = Path(prefix).name
@@ -393,37 +397,32 @@ def preprocess(
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing -> {name}", file=sys.stderr)
 
-    def encode(batch: list[str]) -> list[list[int]]:
-        if hasattr(tokenizer, "encode_batch"):
-            return tokenizer.encode_batch(batch, num_threads=workers)
-        return [tokenizer.encode(t) for t in batch]
+    from megaglm.data.recipe.tokenize import TokenizerSpec, iter_file_texts, tokenize_documents, tokenize_source
 
-    def flush(batch: list[str]) -> None:
-        for ids in encode(batch):
-            ids.append(eod)
-            builder.add_document(ids, [len(ids)])
-            summary.documents += 1
-            summary.tokens += len(ids)
-        batch.clear()
+    if processes > 1:  # the recipe's parallel path
+        builder.data_file.close()
+        tmp_bin.unlink()
+        if bar is not None:
+            bar.close()
+        spec = TokenizerSpec(getattr(tokenizer, "type", "cl100k_glm"), getattr(tokenizer, "model_file", None))
+        r = tokenize_source([str(f) for f in files], prefix, spec, processes=processes, threads=workers,
+                            json_key=json_key, skip_bad_lines=skip_bad_lines, skip_bad_utf8=False,
+                            progress=progress)
+        summary.files, summary.documents, summary.tokens = len(files), r["documents"], r["tokens"]
+        summary.input_bytes, summary.skipped, summary.skipped_examples = r["input_bytes"], r["skipped"], \
+            r["skipped_examples"]
+        summary.seconds = time.monotonic() - t0
+        if log is not None:
+            log(summary.format())
+        return summary
 
     try:
-        batch: list[str] = []
-        batch_chars = 0
         for path in files:
-            docs = (
-                _iter_jsonl(path, json_key, skip_bad_lines, skips, bar)
-                if _is_jsonl(path)
-                else _read_text_file(path, skips, bar)
-            )
-            for text in docs:
-                batch.append(text)
-                batch_chars += len(text)
-                if len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS:
-                    flush(batch)
-                    batch_chars = 0
+            texts = iter_file_texts(path, json_key, skips, bar, skip_bad_lines=skip_bad_lines,
+                                    skip_bad_utf8=False)
+            tokenize_documents(texts, builder, tokenizer, workers, summary)
             summary.files += 1
             summary.input_bytes += path.stat().st_size
-        flush(batch)
         if summary.documents == 0:
             raise PreprocessError(
                 f"no documents found in {len(files)} input file(s) "
@@ -476,6 +475,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip (and count) malformed JSONL lines instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="worker processes: shards tokenized in parallel, then concatenated in order "
+                   "(the megaglm-data tokenize path; default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     chat = p.add_argument_group("--format chat")
     chat.add_argument("--max-length", type=int, default=None, metavar="N",
@@ -501,6 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.workers < 1:
             raise PreprocessError(f"--workers must be >= 1, got {args.workers}")
+        if args.processes < 1:
+            raise PreprocessError(f"--processes must be >= 1, got {args.processes}")
         if args.tokenizer_type == "glm4" and not args.tokenizer_model:
             raise PreprocessError("--tokenizer-type glm4 needs --tokenizer-model /path/to/tokenizer.model")
         if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
@@ -521,6 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             skip_bad_lines=args.skip_bad_lines,
             workers=args.workers,
             progress=not args.quiet,
+            processes=args.processes,
         )
     except (PreprocessError, TokenizerError, FileNotFoundError) as err:
         print(f"megaglm-preprocess: error: {err}", file=sys.stderr)
