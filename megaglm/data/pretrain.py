@@ -25,9 +25,10 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-__all__ = ["BlendError", "parse_blend", "build_pretrain_datasets"]
+__all__ = ["BlendError", "parse_blend", "build_pretrain_datasets", "blend_token_shares"]
 
 logger = logging.getLogger(__name__)
+blend_logger = logging.getLogger("megaglm.data")  # the realized per-source token shares
 
 
 class BlendError(ValueError):
@@ -147,6 +148,44 @@ def _single_process_rank() -> Iterator[None]:
         dist.get_rank = original  # type: ignore[assignment]
 
 
+def blend_token_shares(dataset: Any) -> Optional[list[dict[str, Any]]]:
+    """The per-source token shares a blended dataset realizes.
+
+    megatron-core's ``BlendedDataset`` maps sample ``i`` to source ``dataset_index[i]``; every sample
+    holds ``sequence_length`` tokens, so a source's token share is its fraction of ``dataset_index``
+    (over all the samples built for the split, in the order training reads them).
+
+    Args:
+        dataset: a ``BlendedDataset`` (anything else, e.g. a single ``GPTDataset``, gives None).
+
+    Returns:
+        ``[{"prefix", "weight" (normalized), "share", "samples"}]`` per source, or None.
+    """
+    import numpy as np
+
+    index = getattr(dataset, "dataset_index", None)
+    datasets = getattr(dataset, "datasets", None)
+    if index is None or datasets is None:
+        return None
+    counts = np.bincount(np.asarray(index, dtype=np.int64), minlength=len(datasets))
+    total = int(counts.sum()) or 1
+    weights = list(getattr(dataset, "weights", None) or [1.0] * len(datasets))
+    wsum = float(sum(weights)) or 1.0
+    return [{"prefix": getattr(d, "dataset_path", str(i)), "weight": float(w) / wsum,
+             "share": int(c) / total, "samples": int(c)}
+            for i, (d, w, c) in enumerate(zip(datasets, weights, counts))]
+
+
+def _log_shares(split: str, dataset: Any) -> None:
+    shares = blend_token_shares(dataset)
+    if not shares:
+        return
+    body = ", ".join(f"{os.path.basename(s['prefix'])}={s['share']:.4f} (weight {s['weight']:.4f})"
+                     for s in shares)
+    blend_logger.info("blend %s: realized token shares over %d samples: %s", split,
+                      sum(s["samples"] for s in shares), body)
+
+
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, dict):
         return cfg.get(key, default)
@@ -248,4 +287,6 @@ def build_pretrain_datasets(
         # that eod tokens stay trainable, which is what we want; its warning about it is noise here.
         warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
         train, valid, test = builder.build()
+    for split, ds in (("train", train), ("valid", valid)):
+        _log_shares(split, ds)
     return train, valid, test
