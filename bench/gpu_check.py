@@ -721,8 +721,15 @@ def throughput_group(tgt: Target, label: str, spec: str, precision_name: str, co
     from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
     from megaglm.models.glm.builder import build_model_chunks
     from megaglm.training import flops
+    from omegaconf import OmegaConf
+
+    from megaglm.config import RunConfig
+    from megaglm.parallel.context_parallel import MicroBatchLayout
+    from megaglm.training.megatron_fields import megatron_fields
     from megaglm.training.optim import build_optimizer
-    from megaglm.training.trainer import forward_step
+    from megaglm.training.step import make_forward_step
+
+    forward_step = make_forward_step(MicroBatchLayout())
 
     check = f"throughput {tgt.preset} x{tgt.layers}"
     rows: list[Row] = []
@@ -743,7 +750,9 @@ def throughput_group(tgt: Target, label: str, spec: str, precision_name: str, co
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=False, check_for_nan_in_grad=False)
         model = [DistributedDataParallel(config=tconfig, ddp_config=ddp_cfg, module=c) for c in chunks]
-        optimizer = build_optimizer(model, train_cfg, par, prec)
+        fields = megatron_fields(OmegaConf.structured(RunConfig(model=model_cfg, parallel=par, train=train_cfg,
+                                                                precision=prec)), tgt.device)
+        optimizer = build_optimizer(model, fields.optimizer)
         tconfig.no_sync_func = model[0].no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads
         attn_name = type(chunks[0].decoder.layers[0].self_attention.core_attention).__name__

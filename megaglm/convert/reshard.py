@@ -221,15 +221,20 @@ def reshard_on_current_ranks(job: ReshardJob) -> None:
     model = chunks
     if job.with_optimizer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from omegaconf import OmegaConf
 
+        from megaglm.config import RunConfig
+        from megaglm.training.megatron_fields import megatron_fields
         from megaglm.training.optim import build_optimizer, build_scheduler
 
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   use_distributed_optimizer=job.use_distributed_optimizer)
+        # the same DDP / optimizer / scheduler settings a training run of this config builds
+        fields = megatron_fields(OmegaConf.structured(RunConfig(model=model_cfg, parallel=parallel, train=train,
+                                                                precision=precision)), "cpu")
+        ddp_config = DistributedDataParallelConfig(**dict(fields.ddp))
         model = [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c, disable_bucketing=(i > 0))
                  for i, c in enumerate(chunks)]
-        optimizer = build_optimizer(model, train, parallel, precision)
-        scheduler = build_scheduler(optimizer, train)
+        optimizer = build_optimizer(model, fields.optimizer)
+        scheduler = build_scheduler(optimizer, fields.scheduler)
     src = Path(job.iter_dir)
     import logging
 

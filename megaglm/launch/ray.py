@@ -18,18 +18,20 @@ One attempt of the run:
 2. one :class:`RankWorker` actor per bundle; ranks are ordered by node (rank 0 on bundle 0's node), rank
    0's node address and a port free there become every rank's ``MASTER_ADDR`` / ``MASTER_PORT``;
    ``CUDA_VISIBLE_DEVICES`` / ``LOCAL_RANK`` come from the GPU ids Ray assigned;
-3. every worker composes the run config from the overrides (``hydra.compose`` on
-   :func:`megaglm.config.register_configs`), runs megaglm-train's pre-flight checks and calls
-   :func:`megaglm.training.trainer.pretrain` in its own process: the same entry as the local launcher.
+3. every worker goes through the application layer exactly as ``megaglm-train`` does: it composes the
+   run config from the overrides (:func:`megaglm.app.compose.compose_config`), checks it into a run
+   plan (:func:`megaglm.app.preflight.preflight`) and calls :func:`megaglm.app.run.run` in its own
+   process -- so ``stage=NAME`` runs the whole stage chain, each stage in its own directory.
    Their output reaches the driver (and ``ray job logs``) prefixed with ``(rank<N> pid=..., ip=...)``;
-4. the driver watches the workers: every finished iteration (``pretrain``'s ``on_step``) is a
+4. the driver watches the workers: every finished iteration (``run``'s ``on_step``) is a
    heartbeat, sent to a small :class:`Heartbeats` actor the driver reads.
 
 When an attempt fails (a worker process or node is lost, a rank raises, e.g. a process-group error or
 timeout, or no rank finishes an iteration for ``launcher.hang_timeout_s``), every worker is killed, the
 placement group removed, and after a backoff a new attempt starts, which resumes from the latest
 complete checkpoint in ``checkpoint.save_dir`` (checkpoints are published atomically, so the pointer
-never names a partial one). At most ``launcher.max_restarts`` restarts; each is logged and recorded as
+never names a partial one); in a stage chain, finished stages are skipped and the interrupted stage
+resumes from its own latest checkpoint. At most ``launcher.max_restarts`` restarts; each is logged and recorded as
 the TensorBoard scalar ``ray/restarts`` (and a ``metrics.jsonl`` line) at the iteration it resumes from.
 
 A configuration or input error (a bad override, a layout that does not fit ``num_workers``, a missing
@@ -84,40 +86,18 @@ def _error(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from megaglm import train
-
-    return train._USER_ERRORS  # the exceptions megaglm-train reports as one message, exit status 2
-
-
-def _compose_run_config(overrides: Sequence[str]):
-    """The run config exactly as ``megaglm-train <overrides>`` composes it."""
-    from hydra import compose, initialize_config_dir
-
-    from megaglm.config import register_configs
-    from megaglm.train import _CONF_DIR
-
-    register_configs()
-    with initialize_config_dir(config_dir=_CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def _prefer_own_checkpoint(cfg) -> Optional[int]:
-    """On a restart: resume from the run's own latest checkpoint (``checkpoint.save_dir``), with its
-    optimizer state, rather than from ``checkpoint.load_dir`` it may have started from. Returns that
-    checkpoint's iteration, or None when the run has not saved one yet (it then starts as at first)."""
-    from omegaconf import open_dict
-
+def resume_plan(plan):
+    """On a restart: ``(plan, iteration)`` where the plan resumes from the run's own latest checkpoint
+    (``checkpoint.save_dir``, iteration ``iteration``) with its optimizer state, rather than from a
+    ``checkpoint.load_dir`` it may have started from; ``(plan, None)`` unchanged when it has not saved
+    one yet (it then starts as at first). A stage chain resumes by itself (:mod:`megaglm.app.stages`)."""
     from megaglm.training.checkpointing import latest_iteration
 
-    save_dir = cfg.checkpoint.save_dir
-    it = latest_iteration(save_dir) if save_dir else None
+    save_dir = plan.config.checkpoint.save_dir
+    it = None if (plan.stages or not save_dir) else latest_iteration(save_dir)
     if it is None:
-        return None
-    with open_dict(cfg):
-        cfg.checkpoint.load_dir = None
-        cfg.checkpoint.load_optimizer = True
-    return it
+        return plan, None
+    return plan.with_settings({"checkpoint.load_dir": None, "checkpoint.load_optimizer": True}), it
 
 
 def _record_restart(cfg, attempt: int, iteration: int) -> None:
@@ -193,7 +173,8 @@ class RankWorker:
             return int(s.getsockname()[1])
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Train this rank: compose the config, run the pre-flight checks, call ``pretrain``.
+        """Train this rank: compose the config, check it into a run plan, run it (the same path as
+        ``megaglm-train``).
 
         Returns:
             ``{"status": "ok" | "user_error" | "error", "message": ..., "iteration": ...,
@@ -220,30 +201,29 @@ class RankWorker:
                 return failed("user_error", f"launcher.workdir={workdir!r}: {err.strerror} on this node")
             if workdir not in sys.path:
                 sys.path.insert(0, workdir)
-        import logging
+        from megaglm.app.compose import compose_config
+        from megaglm.app.errors import USER_ERRORS
+        from megaglm.app.preflight import preflight
+        from megaglm.app.run import configure_output, run
 
-        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
-        user_errors = _user_errors()
         beat(-1, "starting")
         try:
             if spec.get("setup_hook"):
                 _call_hook(spec["setup_hook"], rank=self.rank, world_size=self.world_size, attempt=attempt)
             try:
-                cfg = _compose_run_config(spec["overrides"])
+                cfg = compose_config(spec["overrides"])
             except Exception as err:  # noqa: BLE001 - Hydra's own message names the override
                 return failed("user_error", f"cannot compose the run config: {str(err).splitlines()[0]}")
-            resumed = _prefer_own_checkpoint(cfg) if spec.get("resume") else None
-            from megaglm.train import preflight
-
-            preflight(cfg)
+            configure_output(bool(cfg.logging.verbose), self.rank)
+            plan = preflight(cfg, self.world_size, spec["overrides"])
+            resumed = None
+            if spec.get("resume"):
+                plan, resumed = resume_plan(plan)
             if attempt > 0 and self.rank == 0:
-                _record_restart(cfg, attempt, resumed or 0)
-            from megaglm.training.trainer import pretrain
-
+                _record_restart(plan.config, attempt, resumed or 0)
             beat(-1, "setting up")
-            result = pretrain(cfg, on_step=beat)
-        except user_errors as err:
+            result = run(plan, on_step=beat)
+        except USER_ERRORS as err:
             return failed("user_error", str(err))
         except BaseException:  # noqa: BLE001 - reported to the driver, which restarts or stops
             return failed("error", traceback.format_exc())
@@ -305,13 +285,13 @@ _CAUSE_ORDER = {"user": 0, "died": 1, "error": 2}
 class RayJob:
     """Runs the attempts of one job (see the module docstring)."""
 
-    def __init__(self, launcher_cfg, run_overrides: Sequence[str], run_cfg=None):
+    def __init__(self, launcher_cfg, run_overrides: Sequence[str], plan=None):
         import ray
 
         self.ray = ray
         self.cfg = launcher_cfg
         self.overrides = list(run_overrides)
-        self.run_cfg = run_cfg
+        self.plan = plan
         self.world = int(launcher_cfg.num_workers)
         self.tag = uuid.uuid4().hex[:8]
         self.heartbeats = self._start_heartbeats()
@@ -510,15 +490,23 @@ class RayJob:
 
     # ---- the job -----------------------------------------------------------------------------------
 
-    def _latest_checkpoint(self) -> Optional[int]:
-        if self.run_cfg is None or not self.run_cfg.checkpoint.save_dir:
+    def _progress(self) -> Optional[str]:
+        """Where a restart resumes: the latest complete checkpoint (of the stage in progress, for a chain)."""
+        if self.plan is None:
             return None
         from megaglm.training.checkpointing import latest_iteration
 
-        try:
-            return latest_iteration(self.run_cfg.checkpoint.save_dir)
-        except (OSError, ValueError):
-            return None
+        stages = [(s.name, s.plan) for s in self.plan.stages] or [(None, self.plan)]
+        found = None
+        for name, plan in stages:
+            save_dir = plan.config.checkpoint.save_dir
+            try:
+                it = latest_iteration(save_dir) if save_dir else None
+            except (OSError, ValueError):
+                it = None
+            if it is not None:
+                found = f"iteration {it}" + (f" of stage {name}" if name else "")
+        return found
 
     def run(self) -> int:
         """Attempts until the run finishes, fails on input, or runs out of restarts. Returns the exit
@@ -554,8 +542,8 @@ class RayJob:
             self.restarts += 1
             attempt += 1
             backoff = min(c.restart_backoff_s * 2 ** (self.restarts - 1), c.restart_backoff_max_s)
-            it = self._latest_checkpoint()
-            frm = (f"the latest complete checkpoint (iteration {it})" if it is not None
+            where = self._progress()
+            frm = (f"the latest complete checkpoint ({where})" if where is not None
                    else "the latest complete checkpoint, if any")
             _say(f"restart {self.restarts}/{c.max_restarts} in {backoff:g} s after {out.headline()}; "
                  f"resuming from {frm}")
@@ -615,14 +603,16 @@ def run_job(overrides: Sequence[str]) -> int:
         except OSError as err:
             _error(f"launcher.workdir={lcfg.workdir!r}: {err.strerror}")
             return EXIT_USER_ERROR
-    from megaglm.parallel.layout import validate_layout
-    from megaglm.train import UserError, check_overrides
+    from megaglm.app.compose import check_overrides, compose_config
+    from megaglm.app.errors import USER_ERRORS
+    from megaglm.app.preflight import preflight
 
     try:
         check_overrides(run_ovs)
-        run_cfg = _compose_run_config(run_ovs)
-        validate_layout(run_cfg.model, run_cfg.parallel, lcfg.num_workers, run_cfg.train)
-    except (UserError, ValueError) as err:
+        # the whole plan (every stage of a chain) against the job's world size; the data files and
+        # checkpoints are checked by the workers, on their nodes
+        plan = preflight(compose_config(run_ovs), lcfg.num_workers, run_ovs, check_files=False)
+    except USER_ERRORS as err:
         msg = str(err)
         if "world" in msg.lower() and "launcher.num_workers" not in msg:
             msg += f" (the world size is launcher.num_workers={lcfg.num_workers})"
@@ -636,7 +626,7 @@ def run_job(overrides: Sequence[str]) -> int:
         return EXIT_FAILED
     _say(f"job {os.environ.get('RAY_JOB_ID', '(driver)')}: {lcfg.num_workers} worker(s), run overrides: "
          + " ".join(run_ovs))
-    return RayJob(lcfg, run_ovs, run_cfg).run()
+    return RayJob(lcfg, run_ovs, plan).run()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

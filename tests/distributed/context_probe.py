@@ -86,12 +86,17 @@ def _run_case(model, batch, cp_group):
     """Full logits, loss and CP-summed grads of one micro-batch on this rank's CP share."""
     import torch.distributed as dist
 
-    from megaglm.parallel.context_parallel import gather_cp_output, prepare_micro_batch
-    from megaglm.training.trainer import forward_step
+    from megatron.core import parallel_state as ps
 
+    from megaglm.parallel.context_parallel import MicroBatchLayout, gather_cp_output, prepare_micro_batch
+    from megaglm.training.step import make_forward_step
+
+    layout = MicroBatchLayout(cp_size=ps.get_context_parallel_world_size(), cp_rank=ps.get_context_parallel_rank(),
+                              seq_multiple=2 * ps.get_context_parallel_world_size())
+    forward_step = make_forward_step(layout)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        mb = prepare_micro_batch(batch, model)
+        mb = prepare_micro_batch(batch, layout, next(model.parameters()).device)
         logits = model(mb["tokens"], mb["position_ids"], None, packed_seq_params=mb["packed_seq_params"])
         logits = gather_cp_output(logits, mb["plan"], cp_group)
     output, loss_func = forward_step(iter([batch]), model)

@@ -52,8 +52,11 @@ def _train_one_step_and_save(spec):
     from megaglm.models.glm.builder import build_model_chunks
     from megaglm.parallel.init import init_model_parallel
     from megaglm.training.checkpointing import load_checkpoint, save_checkpoint
+    from megaglm.config import RunConfig
+    from megaglm.parallel.context_parallel import MicroBatchLayout
+    from megaglm.training.megatron_fields import megatron_fields
     from megaglm.training.optim import build_optimizer, build_scheduler
-    from megaglm.training.trainer import forward_step
+    from megaglm.training.step import make_forward_step
 
     meta = read_checkpoint_meta(resolve_checkpoint(spec["from"]))
     mc = model_config_from_dict(meta["model"])
@@ -63,10 +66,11 @@ def _train_one_step_and_save(spec):
     init_model_parallel(parallel, train.seed)
     chunks = build_model_chunks(mc, parallel, PrecisionConfig(), mc.padded_vocab_size)
     tconfig = chunks[0].config
-    model = [DistributedDataParallel(config=tconfig, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=spec["dist_opt"]), module=chunks[0])]
-    optimizer = build_optimizer(model, train, parallel, PrecisionConfig())
-    scheduler = build_scheduler(optimizer, train)
+    fields = megatron_fields(OmegaConf.structured(RunConfig(model=mc, parallel=parallel, train=train)), "cpu")
+    model = [DistributedDataParallel(config=tconfig, ddp_config=DistributedDataParallelConfig(**fields.ddp),
+                                     module=chunks[0])]
+    optimizer = build_optimizer(model, fields.optimizer)
+    scheduler = build_scheduler(optimizer, fields.scheduler)
     load_checkpoint(spec["from"], model, optimizer, scheduler, model_config=meta["model"], load_optimizer=False)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model[0].no_sync
@@ -76,7 +80,7 @@ def _train_one_step_and_save(spec):
              "position_ids": torch.arange(s).unsqueeze(0).expand(b, s)}
     model[0].zero_grad_buffer()
     optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=model[0],
+    get_forward_backward_func()(forward_step_func=make_forward_step(MicroBatchLayout(pipeline_parallel=True)), data_iterator=iter([batch]), model=model[0],
                                 num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=False)
     ok, _, _ = optimizer.step()
     assert ok

@@ -5,26 +5,23 @@ import os
 import sys
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from megaglm.config import register_configs
-from megaglm.train import _CONF_DIR
+from megaglm.app.run import plan_run
 
 
 def main() -> None:
-    register_configs()
-    with initialize_config_dir(config_dir=_CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=sys.argv[1:])
     from megatron.core import parallel_state as ps
 
     from megaglm.eval.logits import pipeline_logits
     from megaglm.parallel.init import destroy
+    from megaglm.training.build import build_run
     from megaglm.training.checkpointing import load_checkpoint
-    from megaglm.training.trainer import _model_config_dict, setup_run
 
-    ctx = setup_run(cfg)
+    plan = plan_run(sys.argv[1:], check_files=False)
+    ctx = build_run(plan, with_optimizer=False)
+    cfg = plan.config
     res = load_checkpoint(cfg.checkpoint.load_dir, ctx.chunks, None, None,
-                          model_config=_model_config_dict(cfg), load_optimizer=False)
+                          model_config=ctx.model_config_dict(), load_optimizer=False)
     assert res is not None, f"no checkpoint in {cfg.checkpoint.load_dir}"
     for c in ctx.chunks:
         c.eval()

@@ -17,7 +17,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from megaglm import train as cli
+from megaglm.app.compose import CONF_DIR, check_overrides
+from megaglm.app.errors import UserError, report_error
+from megaglm.app.preflight import preflight
+from megaglm.config import register_configs
 from megaglm.data import preprocess as pp
 from megaglm.training.checkpointing import TRACKER_FILE, latest_iteration
 
@@ -32,8 +35,8 @@ FAST = ["train.train_iters=1", "train.seq_length=64", "train.eval_interval=0",
 
 
 def compose_cfg(overrides=()):
-    cli.register_configs()
-    with initialize_config_dir(config_dir=cli._CONF_DIR, version_base="1.3"):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -42,8 +45,8 @@ def preflight_error(tmp_path, overrides=(), world=1, monkeypatch=None) -> str:
     if monkeypatch is not None:  # as torchrun sets them for rank 0 of a ``world``-rank job
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
-    with pytest.raises((cli.UserError, ValueError)) as exc:
-        cli.preflight(cfg)
+    with pytest.raises((UserError, ValueError)) as exc:
+        preflight(cfg)
     return str(exc.value)
 
 
@@ -158,8 +161,8 @@ def test_preprocess_unwritable_output_dir(tmp_path, capsys):
     ("train.train_iters=[1", ["cannot parse the override 'train.train_iters=[1'"]),
 ])
 def test_overrides_are_checked_with_suggestions(override, needles):
-    with pytest.raises(cli.UserError) as exc:
-        cli.check_overrides([*FAST, override])
+    with pytest.raises(UserError) as exc:
+        check_overrides([*FAST, override])
     msg = str(exc.value)
     for n in needles:
         assert n in msg, (n, msg)
@@ -167,7 +170,7 @@ def test_overrides_are_checked_with_suggestions(override, needles):
 
 
 def test_good_overrides_pass():
-    cli.check_overrides([*FAST, "model=small", "data=indexed", "data.blend=[0.5,/a,0.5,/b]",
+    check_overrides([*FAST, "model=small", "data=indexed", "data.blend=[0.5,/a,0.5,/b]",
                          "data.split='9,1,0'", "parallel=tp2_pp2", "checkpoint.load_dir=null",
                          "hydra.run.dir=/tmp/x", "logging.metrics_file=null"])
 
@@ -221,7 +224,7 @@ def test_preflight_checks_layout_against_launcher_world(tmp_path, monkeypatch, w
 def test_default_config_passes_preflight(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "8")  # without RANK (no launcher) the run is one rank
-    cli.preflight(compose_cfg([f"run.output_dir={tmp_path}", *FAST]))
+    preflight(compose_cfg([f"run.output_dir={tmp_path}", *FAST]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +268,7 @@ def test_explicit_load_dir_without_checkpoint_is_refused(tmp_path):
     # load_dir == save_dir on a first run (Megatron-LM style --save X --load X) starts from scratch
     cfg = compose_cfg([f"run.output_dir={tmp_path}", *FAST, f"checkpoint.save_dir={tmp_path / 's'}",
                        f"checkpoint.load_dir={tmp_path / 's'}"])
-    cli.preflight(cfg)
+    preflight(cfg)
 
 
 def test_checkpoint_of_another_model_is_refused_naming_fields(tmp_path):
@@ -280,7 +283,7 @@ def test_checkpoint_of_another_model_is_refused_naming_fields(tmp_path):
     msg = preflight_error(tmp_path, ["model=small", f"checkpoint.save_dir={ck}"])
     assert "model.num_layers" in msg and "run.output_dir" in msg
     # same model: accepted
-    cli.preflight(compose_cfg([f"run.output_dir={tmp_path}", *FAST, f"checkpoint.load_dir={ck}"]))
+    preflight(compose_cfg([f"run.output_dir={tmp_path}", *FAST, f"checkpoint.load_dir={ck}"]))
 
 
 def test_checkpoint_without_meta_is_refused(tmp_path):
@@ -388,10 +391,10 @@ def test_cli_layout_data_and_checkpoint_errors(tmp_path):
 def test_report_error_once_per_job(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    cli.report_error("bad thing")
+    report_error("bad thing")
     assert capsys.readouterr().err == "megaglm-train: error: bad thing\n"
     monkeypatch.setenv("RANK", "3")
-    cli.report_error("bad thing", grace_s=0.0)  # printed only if torchrun has not stopped this rank
+    report_error("bad thing", grace_s=0.0)  # printed only if torchrun has not stopped this rank
     assert capsys.readouterr().err == "megaglm-train: error (rank 3 of 4): bad thing\n"
 
 

@@ -13,7 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from megaglm import train as cli
+from megaglm.app.compose import CONF_DIR, check_overrides
+from megaglm.app.errors import UserError, report_error
+from megaglm.app.preflight import preflight
+from megaglm.config import register_configs
 from megaglm.eval import long_context as lc
 from megaglm.models.glm.spec import check_attention_backend
 
@@ -22,13 +25,13 @@ FAST = ["train.train_iters=1", "train.eval_interval=0", "logging.tensorboard_dir
 
 
 def preflight_error(tmp_path, monkeypatch, world, overrides) -> str:
-    cli.register_configs()
-    with initialize_config_dir(config_dir=cli._CONF_DIR, version_base="1.3"):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"run.output_dir={tmp_path / 'run'}", *FAST, *overrides])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    with pytest.raises((cli.UserError, ValueError)) as exc:
-        cli.preflight(cfg)
+    with pytest.raises((UserError, ValueError)) as exc:
+        preflight(cfg)
     return str(exc.value)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megaglm.parallel.zigzag import gather_index as zigzag_gather_index
-from megaglm.parallel import context as ctx
+from megaglm.parallel import context_parallel as ctx
 
 
 def brute_force_split(b, s, cu, weights, cp):

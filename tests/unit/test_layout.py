@@ -31,7 +31,7 @@ def T(**kw):
 def test_good_layout_derives_dp(glm9b):
     lay = validate_layout(glm9b, P(tensor_model_parallel_size=2, pipeline_model_parallel_size=4,
                                    context_parallel_size=2, sequence_parallel=True), 64, T())
-    assert lay == Layout(tp=2, pp=4, vpp=None, cp=2, dp=4, sp=True, world=64)
+    assert lay == Layout(tp=2, pp=4, vpp=None, cp=2, dp=4, sp=True, world=64, seq_multiple=4)  # lcm(2 CP, CP TP)
     assert lay.model_parallel_size == 16
 
 

@@ -117,7 +117,10 @@ def test_fp8_needs_te_and_cuda():
 
 
 def test_fp8_and_cuda_fields_with_faked_te(monkeypatch):
+    from megaglm.models.glm import precision
+
     monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(precision, "transformer_engine_available", lambda: True)
     monkeypatch.setattr(spec, "transformer_engine_available", lambda: True)
     m = load_model_preset("glm4_9b")
     c = builder.transformer_config(m, ParallelConfig(), PrecisionConfig(params_dtype="bf16", fp8="e4m3",

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers_model import load_model_preset  # noqa: E402
 
 from megaglm.config import ParallelConfig, PrecisionConfig, RunConfig, TrainConfig, register_configs  # noqa: E402
-from megaglm.models.glm import builder, spec  # noqa: E402
+from megaglm.models.glm import builder, precision, spec  # noqa: E402
+from megaglm.parallel.layout import validate_layout  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 PRESETS = ("fp32", "bf16", "fp8_hybrid_delayed", "fp8_current", "mxfp8")
@@ -42,8 +43,9 @@ def fake_gpu(monkeypatch):
 
     def set_up(capability=(9, 0), te=True, te_new=False):
         monkeypatch.setattr(builder, "transformer_engine_available", lambda: te)
+        monkeypatch.setattr(precision, "transformer_engine_available", lambda: te)
         monkeypatch.setattr(spec, "transformer_engine_available", lambda: te)
-        monkeypatch.setattr(builder, "_cuda_capability", lambda: capability)
+        monkeypatch.setattr(precision, "cuda_capability", lambda: capability)
         monkeypatch.setattr(builder, "_te_at_least", lambda v: te and te_new)
 
     return set_up
@@ -157,21 +159,28 @@ def test_fp8_option_checks(fake_gpu):
         _tc(gather)
     c = _tc(gather, ParallelConfig(use_distributed_optimizer=True))
     assert c.fp8_param is True
-    assert builder.ddp_precision_fields(gather) == {"fp8_param_gather": True}
-    assert builder.ddp_precision_fields(PrecisionConfig()) == {"fp8_param_gather": False}
+    fields = precision.mixed_precision_fields(gather, "cuda", parallel_cfg=ParallelConfig(use_distributed_optimizer=True))
+    assert fields.ddp == {"grad_reduce_in_fp32": True, "fp8_param_gather": True}
+    assert fields.transformer["fp8_param"] is True
+    assert precision.mixed_precision_fields(PrecisionConfig()).ddp["fp8_param_gather"] is False
     with pytest.raises(ValueError, match="fp8_param_gather=true needs FP8"):
         _tc(PrecisionConfig(params_dtype="bf16", fp8_param_gather=True), device="cpu")
 
 
 def test_fp8_sequence_length_alignment(fake_gpu):
+    """The FP8 sequence rule is a layout rule: validate_layout with the precision config."""
     fake_gpu((9, 0))
     prec = PrecisionConfig(params_dtype="bf16", fp8="hybrid", fp8_recipe="delayed")
     par = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2)
-    c = _tc(prec, par, TrainConfig(seq_length=8192, micro_batch_size=1, global_batch_size=8))
-    assert c.fp8 == "hybrid"
+    m = load_model_preset("glm4_9b")
+    layout = validate_layout(m, par, 4, TrainConfig(seq_length=8192, micro_batch_size=1, global_batch_size=8), prec)
+    assert layout.seq_multiple == 64  # lcm(2 x CP, CP x TP x 16)
+    assert _tc(prec, par).fp8 == "hybrid"
     with pytest.raises(ValueError, match=r"train.seq_length=8160 .* multiples of 64 .* use train.seq_length=8192"):
-        _tc(prec, par, TrainConfig(seq_length=8160, micro_batch_size=1, global_batch_size=8))
-    builder.check_fp8_seq_length(PrecisionConfig(), par, 8160)  # no FP8: no FP8 rule
+        validate_layout(m, par, 4, TrainConfig(seq_length=8160, micro_batch_size=1, global_batch_size=8), prec)
+    # no FP8: only the CP / SP rule (8160 = 4 x 2040 splits into 2 x CP chunks and over TP)
+    assert validate_layout(m, par, 4, TrainConfig(seq_length=8160, micro_batch_size=1, global_batch_size=8),
+                           PrecisionConfig()).seq_multiple == 4
 
 
 # --------------------------------------------------------------------------- performance options

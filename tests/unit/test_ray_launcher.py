@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from megaglm.launch.ray_cli import build_entrypoint, default_address, is_local_address
 from megaglm.launch.ray_config import compose_launcher_config, split_overrides
-from megaglm.train import _CONF_DIR, register_configs
+from megaglm.app.compose import CONF_DIR as _CONF_DIR
+from megaglm.config import register_configs
 
 TRICKY = [
     "model=tiny",
@@ -129,14 +130,18 @@ def test_unreachable_addresses_fail_fast(capsys, tmp_path):
 
 
 def test_restart_resumes_from_own_checkpoint(tmp_path):
-    from megaglm.launch.ray import _prefer_own_checkpoint
+    from megaglm.app.run import plan_run
+    from megaglm.launch.ray import resume_plan
 
     save = tmp_path / "ckpt"
-    cfg = compose_run([f"run.output_dir={tmp_path}", f"checkpoint.save_dir={save}",
-                       "checkpoint.load_dir=/base/model", "checkpoint.load_optimizer=false"])
-    assert _prefer_own_checkpoint(cfg) is None  # nothing saved yet: start as the first attempt did
-    assert cfg.checkpoint.load_dir == "/base/model" and cfg.checkpoint.load_optimizer is False
+    plan = plan_run([f"run.output_dir={tmp_path}", f"checkpoint.save_dir={save}",
+                     "checkpoint.load_dir=/base/model", "checkpoint.load_optimizer=false"], 1, check_files=False)
+    same, it = resume_plan(plan)  # nothing saved yet: start as the first attempt did
+    assert it is None and same is plan
     (save / "iter_0000004").mkdir(parents=True)
     (save / "latest_checkpointed_iteration.txt").write_text("4")
-    assert _prefer_own_checkpoint(cfg) == 4
-    assert cfg.checkpoint.load_dir is None and cfg.checkpoint.load_optimizer is True
+    resumed, it = resume_plan(plan)
+    assert it == 4
+    assert resumed.config.checkpoint.load_dir is None and resumed.config.checkpoint.load_optimizer is True
+    assert plan.config.checkpoint.load_dir == "/base/model"  # plans are frozen: a new one was made
+    assert resumed.megatron == plan.megatron and resumed.layout == plan.layout

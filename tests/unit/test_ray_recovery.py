@@ -44,7 +44,7 @@ class FakeRay:
 
 def make_job(fake: FakeRay, world: int = 4, **cfg) -> RayJob:
     job = RayJob.__new__(RayJob)  # no cluster: set what __init__ would
-    job.ray, job.world, job.restarts, job.failed_at, job.run_cfg = fake, world, 0, None, None
+    job.ray, job.world, job.restarts, job.failed_at, job.plan = fake, world, 0, None, None
     job.cfg = SimpleNamespace(**{"poll_interval_s": 0.01, "hang_timeout_s": 5.0, "max_restarts": 3,
                                  "restart_backoff_s": 1.0, "restart_backoff_max_s": 3.0, **cfg})
     job.heartbeats = SimpleNamespace(snapshot=SimpleNamespace(

@@ -18,7 +18,7 @@ from helpers_model import load_model_preset, single_rank_megatron  # noqa: E402
 
 from megaglm.config import ParallelConfig, PrecisionConfig, register_configs  # noqa: E402
 from megaglm.models.glm import builder, rope  # noqa: E402
-from megaglm.train import _CONF_DIR  # noqa: E402
+from megaglm.app.compose import CONF_DIR as _CONF_DIR  # noqa: E402
 
 STAGES = sorted(p.stem for p in (Path(_CONF_DIR) / "stage").glob("*.yaml") if p.stem != "none")
 

@@ -63,7 +63,7 @@ def _zero(m):
 
 
 def test_packed_weighted_loss_equals_mean_of_unpacked_per_token_means(model):
-    from megaglm.parallel.context_parallel import prepare_micro_batch
+    from megaglm.parallel.context_parallel import MicroBatchLayout, prepare_micro_batch
 
     src = _source()
     table = prepare_sequences(src, seq_length=32)
@@ -91,7 +91,7 @@ def test_packed_weighted_loss_equals_mean_of_unpacked_per_token_means(model):
     _zero(model)
     total, count = 0.0, 0
     for row in rows:  # one micro-batch per row, as megatron would sum them
-        mb = prepare_micro_batch(collate_sft([row], "per_sequence", packed=True), model)
+        mb = prepare_micro_batch(collate_sft([row], "per_sequence", packed=True), MicroBatchLayout())
         assert mb["packed_seq_params"] is not None
         out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
                     packed_seq_params=mb["packed_seq_params"])
@@ -111,7 +111,7 @@ def test_packed_weighted_loss_equals_mean_of_unpacked_per_token_means(model):
     batch = collate_sft([row], "per_sequence", packed=True)
     with torch.no_grad():
         masked = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=prepare_micro_batch(batch, model)["packed_seq_params"])
+                       packed_seq_params=prepare_micro_batch(batch, MicroBatchLayout())["packed_seq_params"])
         unmasked = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     w = batch["loss_mask"]
     assert abs(float((masked * w).sum() - (unmasked * w).sum())) > 1e-3
