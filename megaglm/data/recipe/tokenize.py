@@ -125,9 +125,13 @@ def _tokenize_shard(shard: Any, prefix: str, spec: TokenizerSpec, json_key: str,
     tmp = f"{prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     try:
-        texts = iter_file_texts(Path(shard.path), json_key, skips, None, skip_bad_lines=skip_bad_lines,
-                                skip_bad_utf8=skip_bad_utf8, start=shard.start, end=shard.end,
-                                first_line=shard.first_line)
+        if shard.start == 0 and os.path.getsize(shard.path) == 0:
+            skips.add("empty file", shard.path)
+            texts: Iterator[str] = iter(())
+        else:
+            texts = iter_file_texts(Path(shard.path), json_key, skips, None, skip_bad_lines=skip_bad_lines,
+                                    skip_bad_utf8=skip_bad_utf8, start=shard.start, end=shard.end,
+                                    first_line=shard.first_line)
         text_bytes = tokenize_documents(texts, builder, tokenizer, threads, summary)
         builder.finalize(tmp + ".idx")
         os.replace(tmp + ".bin", prefix + ".bin")
