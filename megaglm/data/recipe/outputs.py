@@ -176,7 +176,8 @@ class Counts:
 
 class PartWriter(PipelineStep):
     """datatrove step: write the documents reaching it to ``output_dir/part-{rank:05d}.{fmt}``
-    (:func:`doc_record` rows) and tally them in ``counts``; passes the documents on."""
+    (:func:`doc_record` rows; no file for a task that got no documents) and tally them in ``counts``;
+    passes the documents on."""
 
     name = "writer"
     type = "💽 - WRITER"
@@ -198,7 +199,8 @@ class PartWriter(PipelineStep):
                 n_bytes += len(doc.text.encode("utf-8", "surrogatepass"))
                 self.stat_update("written")
                 yield doc
-            part.commit()
+            if part.records:  # a task with no documents leaves no (empty) part behind
+                part.commit()
             if self.counts is not None:
                 self.counts.write(rank, {"documents": part.records, "text_bytes": n_bytes})
         finally:
