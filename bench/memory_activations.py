@@ -152,7 +152,7 @@ def _measure(model, recompute: str, kernel: str, lengths: list[int], cuda: bool)
             base = torch.cuda.memory_allocated()
         rss0, peak, stop = _rss(), [0], threading.Event()
 
-        def sample():
+        def sample(stop=stop, peak=peak):
             while not stop.is_set():
                 peak[0] = max(peak[0], _rss())
                 time.sleep(0.0005)
@@ -204,7 +204,8 @@ def main(argv=None) -> int:
             print(f"done: {kernel} / {rc}", flush=True)
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     date = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,38 +2,45 @@
 
 Counting method: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
 (MLSys 2023, arXiv 2205.05198), section 4: add up, per transformer layer and per token, every tensor an
-operator saves for its backward pass; then tensor parallelism divides the terms computed on head / FFN
-shards by ``t``, sequence parallelism (their section 4.2.2) divides the rest (norms and the linears'
-inputs, which megatron saves before the sequence all-gather) by ``t`` too, selective recomputation
-(section 5) drops what the core attention keeps, and full recomputation keeps only each layer's input.
-Their result for a GPT layer is ``s b h (34 + 5 a s / h)`` bytes (fp16, dropout masks, 4h GELU MLP); the
-terms below are the same bookkeeping for megaglm's GLM layer (RMSNorm, GQA, partial RoPE, SwiGLU, no
-dropout), in elements per token, ``h`` hidden, ``a`` heads, ``g`` KV groups, ``d`` head dim, ``F`` FFN
-size, ``d_rot = d x rotary_percent``, ``s`` sequence, ``V`` padded vocabulary:
+operator saves for its backward pass; tensor parallelism divides the terms computed on head / FFN shards
+by ``t``; sequence parallelism (their section 4.2.2) divides the rest (the norms, and the linears' inputs,
+which megatron saves before its sequence all-gather) by ``t`` too; selective recomputation (section 5)
+drops what the core attention keeps; full recomputation keeps only each layer's input. Their result for a
+GPT layer is ``s b h (34 + 5 a s / h)`` bytes (fp16, dropout masks, a 4h GELU MLP). The terms below are the
+same bookkeeping for megaglm's GLM layer (RMSNorm, GQA, partial RoPE, SwiGLU, no dropout), in elements per
+token, ``h`` hidden, ``a`` heads, ``g`` KV groups, ``d`` head dim, ``F`` FFN size, ``d_rot = d x
+rotary_percent``, ``s`` sequence, ``V`` padded vocabulary:
 
 * split by SP (else replicated over TP): RMSNorm x2 (input, normalized, 1/rms: ``2(2h + 1)``) and the
   saved inputs of the QKV and fc1 linears (``2h``): ``6h + 2``;
-* split by TP: the QKV output (V is a view of it) ``(a + 2g) d``, rotated Q and K ``a d + g d``, the
-  attention output copied into the projection's input ``a d``, SwiGLU (fc1 output ``2F``, silu(gate),
-  up, their product: ``5F``); with ``t > g`` megatron all-gathers the QKV output and each rank keeps one
-  KV group, so the QKV term is the whole ``(a + 2g) d`` and the K term ``d``;
-* the core attention's own saves, split by TP: flash-style kernels keep the output and the log-sum-exp
-  (``a d + a``); the math kernel keeps the scaled Q and the ``a x s`` probabilities (``a d + a s``, the
-  ``5as/h`` term of Korthikanti et al.);
+* split by TP: the attention output copied into the projection's input ``a d``; SwiGLU (fc1 output
+  ``2F``, silu(gate), up and their product): ``5F``;
 * not split: the unfused RoPE's cos / sin for Q and K, ``4 d_rot``;
-* outside the layers (last pipeline stage): final norm + output-layer input ``3h + 1`` (split by SP) and the
-  cross-entropy's softmax over the vocabulary shard, ``V / t``, always fp32.
+* the attention's inputs, split by TP: the QKV output (V is a view of it) ``(a + 2g) d`` and rotated Q and
+  K ``a d + g d`` (with ``t > g`` megatron all-gathers the QKV output and each rank keeps one KV group: the
+  whole ``(a + 2g) d`` and ``d`` for K);
+* the core attention's own saves: flash-style kernels keep the output and log-sum-exp, ``(a d + a)/t``,
+  on top of its inputs; the math kernel keeps the scaled Q, K and V expanded to the query heads and the
+  ``a x s`` probabilities, ``(3 a d + a s)/t``, instead of them (the probabilities are the ``5as/h`` term of
+  Korthikanti et al.). Selective recompute keeps the inputs only;
+* outside the layers: the int64 token ids of the embedding (8 bytes, first stage); the final norm and
+  output-layer input ``3h + 1`` (split by SP), the cross-entropy's fp32 softmax over the vocabulary shard
+  ``V/t`` and its int64 targets and bool mask (9 bytes) (last stage); with full recompute the RoPE angles
+  passed to every checkpoint, ``d_rot`` fp32, once per chunk.
 
 Context parallelism divides every term by ``CP`` (each rank holds ``s / CP`` tokens; Transformer Engine's
-ring attention keeps only the local K/V). The counts are checked against the saved-tensor bytes measured
-with ``torch.autograd.graph.saved_tensors_hooks`` (``bench/memory_activations.py``; tests in
-``tests/unit/test_planner.py``).
+ring attention keeps only the local K/V). The counts equal the saved-tensor bytes measured with
+``torch.autograd.graph.saved_tensors_hooks`` (``bench/memory_activations.py``) to within 0.1% at TP 1 and at
+TP 2 with and without SP, none / selective / full recompute, both kernels (tests/unit/test_planner.py,
+tests/distributed/test_planner_counts.py). On GPUs with Transformer Engine the fused kernels save somewhat
+different tensors (e.g. no separate RoPE cos / sin); the estimate is the local layer's.
 
 Pipeline parallelism: under 1F1B (Narayanan et al. 2021) stage ``r`` of ``p`` holds at most ``p - r``
 micro-batches in flight, each through its ``L/p`` layers, so stage 0 holds ``L`` layers' worth
 (Korthikanti et al. section 4.2.3); with ``v`` interleaved chunks megatron-core runs
 ``2(p - r - 1) + (v - 1) p`` warm-up chunk-steps (``get_pp_rank_microbatches``), i.e. stage 0 holds
-``L (1 + (p - 1)/(p v))`` layers' worth, their factor for the interleaved schedule.
+``L (1 + (p - 1)/(p v))`` layers' worth, their factor for the interleaved schedule. At the peak, backward
+adds what it rebuilds: one layer (full recompute), one core attention (selective), the logits' gradient.
 """
 
 from __future__ import annotations

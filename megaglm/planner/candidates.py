@@ -23,6 +23,7 @@ from megaglm.parallel.layout import validate_layout
 from megaglm.planner.activations import KERNELS, RECOMPUTE, activation_memory
 from megaglm.planner.hardware import LINK_EFFICIENCY, GpuSpec
 from megaglm.planner.parameters import DTYPE_BYTES, static_memory
+from megaglm.planner.presets import vocab_of
 from megaglm.planner.step_time import Network, StepTime, step_time
 
 __all__ = ["Request", "Shape", "Memory", "Candidate", "Plan", "divisors", "check_shape", "plan", "max_gpus"]
@@ -41,7 +42,8 @@ class Request:
             and allocator fragmentation. gpus_per_node. inter_node_gbits: NIC bandwidth per GPU, Gb/s.
         precision: bf16 | fp16 | fp32 parameters. fp8: None | delayed | current | mxfp8 (FP8 GEMMs: the FP8
             peak and the FP8 sequence multiple). mfu: assumed fraction of the peak. tokenizer_vocab:
-            vocabulary before padding (a preset's ``padded_vocab_size`` wins). kernel: flash | math.
+            vocabulary before padding; None = the preset's ``padded_vocab_size``, or megaglm's default
+            tokenizer (:data:`.presets.DEFAULT_TOKENIZER_VOCAB`) for presets without one. kernel: flash | math.
         fixed: dimensions the user pinned (``tp``, ``pp``, ``vpp``, ``cp``, ``recompute``,
             ``distributed_optimizer``); ``vpp=0`` means no interleaving.
     """
@@ -60,9 +62,14 @@ class Request:
     precision: str = "bf16"
     fp8: Optional[str] = None
     mfu: float = 0.4
-    tokenizer_vocab: int = 100270
+    tokenizer_vocab: Optional[int] = None
     kernel: str = "flash"
     fixed: dict = field(default_factory=dict)
+
+    @property
+    def vocab(self) -> int:
+        """The tokenizer vocabulary the trainer pads (see ``tokenizer_vocab``)."""
+        return vocab_of(self.model_cfg, self.tokenizer_vocab)
 
     @property
     def usable_bytes(self) -> float:
@@ -185,9 +192,10 @@ def check_shape(req: Request, tp: int, pp: int, cp: int, vpp: Optional[int], wor
         recipe = "tensorwise" if req.fp8 == "current" else req.fp8
         padded = pad_seq_length(req.seq_length, tp, layout.sp, cp, recipe)
         if padded != req.seq_length:
+            multiple = required_multiple(tp, layout.sp, cp, recipe)
             raise ValueError(
-                f"train.seq_length={req.seq_length} does not suit FP8 ({req.fp8}) at TP {tp}{' + SP' if layout.sp else ''}"
-                f", CP {cp}: lengths must be multiples of {required_multiple(tp, layout.sp, cp, recipe)}; "
+                f"train.seq_length={req.seq_length} does not suit FP8 ({req.fp8}) at TP {tp}"
+                f"{' + SP' if layout.sp else ''}, CP {cp}: lengths must be multiples of {multiple}; "
                 f"the next is {padded}")
     return layout
 
@@ -249,19 +257,19 @@ def estimate(req: Request, shape: Shape, recompute: str, distributed_optimizer: 
     """Memory of the fullest rank and the step time of one option."""
     network = network or _network(req)
     peak = peak or peak_tflops(req)
-    vocab = padded_vocab_size(req.model_cfg, req.tokenizer_vocab, shape.tp)
+    vocab = padded_vocab_size(req.model_cfg, req.vocab, shape.tp)
     m = req.global_batch // (req.micro_batch * shape.dp)
     act_bytes = DTYPE_BYTES[req.precision]
     best = None
     for stage in range(shape.pp):
-        st = static_memory(req.model_cfg, req.tokenizer_vocab, shape.tp, shape.pp, stage, shape.dp * shape.cp,
+        st = static_memory(req.model_cfg, req.vocab, shape.tp, shape.pp, stage, shape.dp * shape.cp,
                            0, shape.vpp, req.precision, distributed_optimizer)
         act = activation_memory(req.model_cfg, req.seq_length, vocab, req.micro_batch, m, shape.tp, shape.sp,
                                 shape.cp, shape.pp, stage, shape.vpp, recompute, req.kernel, act_bytes)
         mem = Memory(stage, st.weights, st.grads, st.optimizer, act.peak, st.params)
         if best is None or mem.total > best.total:
             best = mem
-    params_max = max(static_memory(req.model_cfg, req.tokenizer_vocab, shape.tp, shape.pp, s, 1, 0, shape.vpp,
+    params_max = max(static_memory(req.model_cfg, req.vocab, shape.tp, shape.pp, s, 1, 0, shape.vpp,
                                    req.precision, False).params for s in (0, shape.pp - 1))
     t = step_time(req.model_cfg, vocab, req.seq_length, req.micro_batch, m, shape.tp, shape.pp, shape.cp,
                   shape.dp, shape.vpp, shape.sp, recompute, distributed_optimizer, params_max, peak * 1e12,
@@ -283,6 +291,7 @@ def plan(req: Request) -> Plan:
         raise ValueError(f"attention kernel {req.kernel!r}: expected one of {KERNELS}")
     if req.precision not in DTYPE_BYTES:
         raise ValueError(f"precision {req.precision!r}: expected one of {sorted(DTYPE_BYTES)}")
+    padded_vocab_size(req.model_cfg, req.vocab, 1)  # a vocabulary the preset cannot hold: ValueError
     peak = peak_tflops(req)
     network = _network(req)
     fixed = req.fixed

@@ -16,8 +16,6 @@ from typing import Optional
 
 __all__ = ["main", "build_parser", "PlanError"]
 
-DEFAULT_TOKENIZER_VOCAB = 100270  # cl100k_glm (megaglm's default tokenizer), for presets without a padded vocab
-
 
 class PlanError(Exception):
     """A request the planner cannot plan; ``str()`` is the one-line message (it names the flag)."""
@@ -81,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=("delayed", "current", "mxfp8"), default=None,
                    help="FP8 GEMMs with this recipe (peak and sequence multiple)")
     p.add_argument("--mfu", type=_positive_float, default=0.4, help="assumed model FLOPs utilization (0.4)")
-    p.add_argument("--vocab-size", type=_positive_int, default=DEFAULT_TOKENIZER_VOCAB,
-                   help="tokenizer vocabulary for presets without a padded one (cl100k_glm: 100270)")
+    p.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="tokenizer vocabulary (default: the preset's padded vocabulary, else cl100k_glm's 100270)")
     p.add_argument("--attention-kernel", choices=("flash", "math"), default="flash")
     p.add_argument("--tp", type=_positive_int, help="pin the tensor-parallel size")
     p.add_argument("--pp", type=_positive_int, help="pin the pipeline-parallel size")
@@ -172,7 +170,9 @@ def run(argv: Optional[list] = None, out=None) -> int:
     try:
         result = plan(req)
     except ValueError as exc:
-        flag = "--precision" if "precision" in str(exc) or "peak" in str(exc) else "--gpu"
+        text = str(exc)
+        flag = ("--vocab-size" if "vocab" in text else
+                "--precision" if "precision" in text or "peak" in text else "--gpu")
         raise PlanError(f"{flag}: {exc}") from None
     if not result.candidates:
         if not result.invalid:

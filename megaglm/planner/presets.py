@@ -13,10 +13,13 @@ from typing import Optional
 
 from megaglm.config import ModelConfig
 
-__all__ = ["CONF_MODEL_DIR", "CONTEXT_FIELDS", "available_presets", "load_preset", "model_config",
-           "trained_context"]
+__all__ = ["CONF_MODEL_DIR", "CONTEXT_FIELDS", "DEFAULT_TOKENIZER_VOCAB", "available_presets", "load_preset",
+           "model_config", "trained_context", "vocab_of"]
 
 CONF_MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+# Token ids of megaglm's default tokenizer (cl100k_glm: cl100k_base + GLM's special tokens).
+DEFAULT_TOKENIZER_VOCAB = 100270
 
 # The preset's trained context, newest name first.
 CONTEXT_FIELDS = ("max_position_embeddings", "seq_length")
@@ -37,6 +40,16 @@ def trained_context(model_cfg) -> int:
         if value is not None and not (isinstance(value, str) and value == "???"):
             return int(value)
     raise ValueError(f"model config {getattr(model_cfg, 'name', '?')!r} has none of {CONTEXT_FIELDS}")
+
+
+def vocab_of(model_cfg, tokenizer_vocab: Optional[int] = None) -> int:
+    """The tokenizer vocabulary to pad: ``tokenizer_vocab`` when given, else the preset's
+    ``padded_vocab_size`` (a published checkpoint's, which its own tokenizer fits), else
+    :data:`DEFAULT_TOKENIZER_VOCAB`."""
+    if tokenizer_vocab is not None:
+        return int(tokenizer_vocab)
+    padded = getattr(model_cfg, "padded_vocab_size", None)
+    return int(padded) if padded is not None else DEFAULT_TOKENIZER_VOCAB
 
 
 def model_config(**fields) -> ModelConfig:

@@ -4,7 +4,6 @@ overrides that run a chosen one."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
 
 from megaglm.models.glm.builder import count_parameters, padded_vocab_size
 from megaglm.planner.candidates import GB, Candidate, Plan
@@ -39,7 +38,10 @@ def best_by(plan: Plan, attr: str) -> dict:
     out = {}
     for key, cs in groups.items():
         fit = [c for c in cs if c.fits]
-        out[key] = min(fit, key=lambda c: (c.time.total, c.memory.total)) if fit else min(cs, key=lambda c: c.memory.total)
+        if fit:
+            out[key] = min(fit, key=lambda c: (c.time.total, c.memory.total))
+        else:
+            out[key] = min(cs, key=lambda c: c.memory.total)
     return out
 
 
@@ -103,14 +105,14 @@ def render_text(plan: Plan, top: int = 5, pick: int = 1, limit_reasons: int = 6)
     """The report (see the README's "Layout planner" section for examples)."""
     req = plan.request
     mc = req.model_cfg
-    vocab = padded_vocab_size(mc, req.tokenizer_vocab, 1)
+    vocab = padded_vocab_size(mc, req.vocab, 1)
     n_params = count_parameters(mc, vocab)
     lines = [
         f"megaglm-plan: {req.model_name} ({n_params / 1e9:.2f} B parameters, {mc.num_layers} layers, "
         f"{mc.num_attention_heads} heads / {mc.num_query_groups} KV groups, vocab {vocab}), "
         f"{req.seq_length:,} tokens x {req.global_batch} sequences per step (micro-batch {req.micro_batch})",
-        f"  on {req.gpus} x {req.gpu.label} ({req.memory_gb:g} GB, {req.memory_gb - req.reserve_gb:g} GB usable after a "
-        f"{req.reserve_gb:g} GB reserve; {req.gpus_per_node} per node), {req.precision}"
+        f"  on {req.gpus} x {req.gpu.label} ({req.memory_gb:g} GB, {req.memory_gb - req.reserve_gb:g} GB usable "
+        f"after a {req.reserve_gb:g} GB reserve; {req.gpus_per_node} per node), {req.precision}"
         f"{' + FP8 ' + req.fp8 if req.fp8 else ''}, assumed MFU {req.mfu:g} of {plan.peak_tflops:g} TFLOP/s",
     ]
     if req.seq_length > trained_context(mc):
@@ -129,7 +131,8 @@ def render_text(plan: Plan, top: int = 5, pick: int = 1, limit_reasons: int = 6)
             m, t = c.memory, c.time
             lines.append(
                 f"{i:2d}  {c.shape.label():<24}  {c.recompute:<9}  {'yes' if c.distributed_optimizer else 'no':<8} | "
-                f"{_gb(m.weights):>7} {_gb(m.grads):>6} {_gb(m.optimizer):>6} {_gb(m.activations):>6} {_gb(m.total):>6} | "
+                f"{_gb(m.weights):>7} {_gb(m.grads):>6} {_gb(m.optimizer):>6} {_gb(m.activations):>6} "
+                f"{_gb(m.total):>6} | "
                 f"{t.total:6.2f} {t.bubble:7.2f} {t.tp_comm:5.2f} {t.cp_comm:6.2f} {t.dp_comm:6.2f} {t.pp_comm:6.2f} | "
                 f"{c.tokens_per_second(req.global_batch * req.seq_length):8,.0f} {c.mfu:5.2f}")
         lines.append("")

@@ -138,7 +138,8 @@ def _count_layout(case: dict, presets: dict) -> dict:
                     elif key == "step":
                         step += value.numel() * value.element_size()
     rec = {
-        "layout": case["name"], "model": case.get("model", "tiny"), "tp": tp, "pp": pp, "vpp": case.get("vpp"), "cp": cp, "distopt": distopt,
+        "layout": case["name"], "model": case.get("model", "tiny"),
+        "tp": tp, "pp": pp, "vpp": case.get("vpp"), "cp": cp, "distopt": distopt,
         "dtype": case.get("dtype", "fp32"), "vocab": vocab,
         "tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
         "dp_cp_rank": ps.get_data_parallel_rank(with_context_parallel=True),
