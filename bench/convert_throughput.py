@@ -40,9 +40,9 @@ def _write_random_glm(out: Path, layers: int, hidden: int, heads: int, groups: i
     """Random fp32 GLM in the glm format with megaglm's streaming writer; returns (bytes, largest, layer bytes)."""
     import torch
 
+    from megaglm.config import ModelConfig
     from megaglm.convert.hf_io import SafetensorsShardWriter, parse_size
     from megaglm.models.glm.hf_glm_mapping import HF_GLM_FORMAT, GlmDims, hf_config_from_model_config
-    from megaglm.config import ModelConfig
 
     dims = GlmDims(heads, groups, head_dim, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
                    vocab_size=vocab)
@@ -56,7 +56,8 @@ def _write_random_glm(out: Path, layers: int, hidden: int, heads: int, groups: i
         w.write(name, torch.randn(shape, generator=g) * (0.02 if len(shape) > 1 else 1.0))
     w.finish()
     mc = ModelConfig(name="bench", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                     num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim, max_position_embeddings=4096,
+                     num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim,
+                     max_position_embeddings=4096,
                      padded_vocab_size=vocab)
     (out / "config.json").write_text(json.dumps(hf_config_from_model_config(mc, vocab, "float32")))
     sizes = [math.prod(s) * 4 for _, s, _ in planned]

@@ -357,7 +357,9 @@ def check_plan(repo: Path = REPO, wheels_dir: Optional[Path] = None, imports: bo
                         f"command {cmd!r} ({len(cmd)} chars <= 2000), carry {carry} "
                         f"({'git-ignored' if ignored else 'NOT git-ignored'}), timeout_s {DEVICE_RUN['timeout_s']} "
                         f">= budget {RUN_BUDGET_S} + 60"))
-    for src in [Path(__file__), *sorted((repo / "megaglm").rglob("*.py")), *sorted((repo / "tests" / "gpu").glob("*.py"))]:
+    sources = [Path(__file__), *sorted((repo / "megaglm").rglob("*.py")),
+               *sorted((repo / "tests" / "gpu").glob("*.py"))]
+    for src in sources:
         try:
             compile(src.read_text(), str(src), "exec")
         except SyntaxError as err:
@@ -389,7 +391,7 @@ def dry_run() -> int:
 def plan_lines() -> list[str]:
     return [
         "install bench/wheels offline into a --target folder on PYTHONPATH (the machine's torch stays)",
-        f"parity: tiny preset logits, CUDA fp32 vs CPU fp32 (<= 1e-4 rel) and CUDA bf16 vs CPU fp32 (<= 3e-2)",
+        "parity: tiny preset logits, CUDA fp32 vs CPU fp32 (<= 1e-4 rel) and CUDA bf16 vs CPU fp32 (<= 3e-2)",
         f"throughput: glm4_9b x {SLICE_LAYERS} layers, seq {', '.join(map(str, SEQS))}, bf16 local spec + SDPA; "
         "bf16 local + megatron DotProductAttention at 8K; TE spec bf16 / fp8 (delayed, then current) when "
         "transformer_engine imports",
@@ -717,14 +719,12 @@ def throughput_group(tgt: Target, label: str, spec: str, precision_name: str, co
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
-    from megaglm.models.glm.builder import build_model_chunks
-    from megaglm.training import flops
     from omegaconf import OmegaConf
 
-    from megaglm.config import RunConfig
+    from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig, TrainConfig
+    from megaglm.models.glm.builder import build_model_chunks
     from megaglm.parallel.context_parallel import MicroBatchLayout
+    from megaglm.training import flops
     from megaglm.training.megatron_fields import megatron_fields
     from megaglm.training.optim import build_optimizer
     from megaglm.training.step import make_forward_step
@@ -760,7 +760,8 @@ def throughput_group(tgt: Target, label: str, spec: str, precision_name: str, co
         log(f"{label}: build failed: {err!r}")
         return [Row(check, label, precision_name, ok=False, result="build: " + _short(err))]
     log(f"{label}: built in {time.time() - t_build:.1f}s, core attention {attn_name}, "
-        f"transformer_impl {tconfig.transformer_impl}, fp8 {tconfig.fp8} / {tconfig.fp8_recipe if tconfig.fp8 else '-'}")
+        f"transformer_impl {tconfig.transformer_impl}, fp8 {tconfig.fp8} / "
+        f"{tconfig.fp8_recipe if tconfig.fp8 else '-'}")
     fwd_bwd = get_forward_backward_func()
     for k, seq in enumerate(seqs):
         need = 25 + seq / 8192 * 12

@@ -1,4 +1,5 @@
-"""Thin wrapper: `python ckpt_tools/convert.py ...` = `megaglm-ckpt convert {hf-to-megaglm,megaglm-to-hf} ...` (logic in :mod:`megaglm.convert`)."""
+"""Thin wrapper: `python ckpt_tools/convert.py ...` = `megaglm-ckpt convert {hf-to-megaglm,megaglm-to-hf} ...`
+(logic in :mod:`megaglm.convert`)."""
 
 import os
 import sys

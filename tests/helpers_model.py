@@ -21,7 +21,8 @@ MODEL_PRESETS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 
 def load_model_preset(name: str) -> ModelConfig:
     """``conf/model/<name>.yaml`` merged onto the typed :class:`ModelConfig` schema."""
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+    preset = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset)
     return OmegaConf.to_object(merged)
 
 

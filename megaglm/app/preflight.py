@@ -202,10 +202,11 @@ def _check_checkpoint(cfg: DictConfig) -> None:
                         "run.output_dir.)") from None
 
 
-def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files: bool) -> RunPlan:
+def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files: bool,
+              check_checkpoint: bool = True) -> RunPlan:
     """Checks 1-7 for one (non-chained) config, and its plan."""
-    from megaglm.platform.device import resolve_device
     from megaglm.models.glm.spec import select_backend
+    from megaglm.platform.device import resolve_device
     from megaglm.training.megatron_fields import megatron_fields
 
     extra = _extra_keys(cfg, RunConfig)
@@ -220,7 +221,8 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
         raise UserError(f"data.format={cfg.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
     if check_files:
         _check_data(cfg)
-        _check_checkpoint(cfg)
+        if check_checkpoint:
+            _check_checkpoint(cfg)
     t = cfg.train
     batch = BatchPlan(int(t.micro_batch_size), int(t.global_batch_size),
                       int(t.global_batch_size) // (int(t.micro_batch_size) * layout.dp), int(t.seq_length))
@@ -241,22 +243,26 @@ def preflight(cfg: DictConfig, world_size: Optional[int] = None, overrides: Sequ
 
     Returns:
         The :class:`~megaglm.training.plan.RunPlan`; for ``stage=NAME``, with one plan per stage of the
-        chain (each checked as a run of its own, before the first one trains).
+        chain (each stage checked once, as a run of its own, before the first one trains; the chain's
+        own plan is its last stage's, with the chain's config).
 
     Raises:
         UserError / ValueError: naming the config key (or file) and what to change.
     """
     world = launcher_world()[1] if world_size is None else int(world_size)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # layout notes (SP at TP=1 ...) are logged once, at INFO
-        plan = _plan_one(cfg, world, overrides, check_files)
+        warnings.simplefilter("ignore")  # layout notes (SP at TP=1 ...) are logged, once
         stage = cfg.get("stage")
         if stage is None or not stage.get("name"):
-            return plan
+            return _plan_one(cfg, world, overrides, check_files)
+        extra = _extra_keys(cfg, RunConfig)
+        if extra:
+            raise UserError(_unknown_key_message(extra[0]))
         stages = []
         for name, stage_overrides in plan_stage_overrides(cfg, overrides, compose_config):
             stage_cfg = compose_config(stage_overrides)
             # a stage's own checkpoint is checked when the chain reaches it (it may not exist yet)
             stages.append(StagePlan(name, tuple(stage_overrides),
-                                    _plan_one(stage_cfg, world, stage_overrides, check_files=False)))
-    return dataclasses.replace(plan, stages=tuple(stages))
+                                    _plan_one(stage_cfg, world, stage_overrides, check_files, check_checkpoint=False)))
+    return dataclasses.replace(stages[-1].plan, config=freeze_config(cfg), overrides=tuple(overrides),
+                               stages=tuple(stages))

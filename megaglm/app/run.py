@@ -50,21 +50,25 @@ def run(plan: RunPlan, on_step: Optional[Callable[[int], None]] = None) -> Train
     return train(plan, on_step)
 
 
-def configure_output(verbose: bool = False, rank: Optional[int] = None) -> None:
+def configure_output(verbose: bool = False, rank: Optional[int] = None, log_format: bool = True) -> None:
     """Start-up output a newcomer can read: megaglm's INFO lines on rank 0 (WARNING elsewhere), and
     megatron-core's notices (its Megatron-FSDP detection lines, "Implicit initialization of Rerun State
     Machine", deprecation warnings of settings megaglm does not use) shown only when ``verbose``
-    (``logging.verbose=true``); megatron-core's errors always show."""
+    (``logging.verbose=true``); megatron-core's errors always show. ``log_format=False`` leaves the
+    root logger as it is (the checkpoint tools print their own lines)."""
     from megaglm.app.errors import launcher_world
 
     rank = launcher_world()[0] if rank is None else rank
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if log_format:
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         for category in (DeprecationWarning, FutureWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category, module=r"megatron(\.|$)")
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def result_line(result: Any) -> Optional[str]:

@@ -163,8 +163,9 @@ def _start_settings(stage: StagePlan, index: int, chain: Sequence[StagePlan], pa
     if parent is not None:
         if cfg.stage.load_optimizer:
             _check_iterations_continue(stage.plan, parent)
-        return {"checkpoint.load_dir": str(Path(parent).parent), "checkpoint.load_optimizer": bool(cfg.stage.load_optimizer),
-                "checkpoint.load_rng": False, "stage.parent_checkpoint": parent}
+        return {"checkpoint.load_dir": str(Path(parent).parent),
+                "checkpoint.load_optimizer": bool(cfg.stage.load_optimizer), "checkpoint.load_rng": False,
+                "stage.parent_checkpoint": parent}
     if cfg.stage.init_from:
         return {"checkpoint.load_dir": str(cfg.stage.init_from), "checkpoint.load_optimizer": False,
                 "checkpoint.load_rng": False}
@@ -256,7 +257,8 @@ def _write_summary(base_dir: str, summary: list[dict]) -> None:
     base = Path(base_dir)
     base.mkdir(parents=True, exist_ok=True)
     (base / SCHEDULE_FILE).write_text(json.dumps(summary, indent=2))
-    lines = ["# Stage schedule", "", "| stage | seq | base | CP | iterations | checkpoint |", "|---|---|---|---|---|---|"]
+    lines = ["# Stage schedule", "", "| stage | seq | base | CP | iterations | checkpoint |",
+             "|---|---|---|---|---|---|"]
     for s in summary:
         lin = s["lineage"] or {}
         lines.append(f"| {s['stage']} | {lin.get('seq_length')} | {lin.get('rotary_base', 0):g} | "

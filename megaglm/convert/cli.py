@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -32,14 +31,11 @@ EXIT_USER_ERROR = 2
 
 
 def quiet_warnings() -> None:
-    """Silence megatron-core's import-time notices (no TE / Apex on CPU) and torch's FutureWarnings."""
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
-    import logging
+    """megaglm's quiet start-up for the tools (:func:`megaglm.app.run.configure_output`): megatron-core's
+    import-time notices, deprecations and torch's FutureWarnings are not shown."""
+    from megaglm.app.run import configure_output
 
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    configure_output(verbose=False, log_format=False)
 
 
 def _positive(text: str) -> int:

@@ -294,9 +294,9 @@ def _rank_entry(rank: int, fn: Callable, args: tuple, world: int, port: int, err
                       MASTER_PORT=str(port))
     import torch
 
-    from megaglm.convert.cli import quiet_warnings
+    from megaglm.app.run import configure_output
 
-    quiet_warnings()
+    configure_output(verbose=False, log_format=False)
     torch.set_num_threads(threads)
     try:
         from megaglm.parallel.init import destroy, init_distributed

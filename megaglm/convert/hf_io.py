@@ -117,7 +117,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         spans.append((begin, end, name))
         out[name] = TensorInfo(name, path, shape, dtype, data_start + begin, nbytes)
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ConversionError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     data_end = data_start + (spans[-1][1] if spans else 0)

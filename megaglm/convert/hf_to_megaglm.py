@@ -43,8 +43,8 @@ from typing import Optional
 from megaglm.convert.common import (
     FORMATS,
     AtomicOutput,
-    collective_atomic_output,
     MemoryProbe,
+    collective_atomic_output,
     detect_format,
     join_layer,
     model_config_from_dict,
@@ -269,14 +269,13 @@ def import_on_current_ranks(job: ImportJob) -> None:
     """
     import torch
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import is_main_replica
 
     from megaglm.config import ParallelConfig, PrecisionConfig
     from megaglm.models.glm.builder import build_model_chunks
     from megaglm.parallel.init import init_model_parallel
     from megaglm.training.checkpointing import save_checkpoint
-
-    from megatron.core import parallel_state as ps
 
     return_freed_memory()
     rank = dist.get_rank()

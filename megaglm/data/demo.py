@@ -115,7 +115,8 @@ def _build_locked(final: Path, tokenizer: Any, extra_paths: Sequence[PathLike]) 
         try:
             t0 = time.monotonic()
             corpus = build_stdlib_corpus(tmp / f"{DEMO_PREFIX_NAME}.jsonl", extra_paths=extra_paths)
-            summary = preprocess([tmp / f"{DEMO_PREFIX_NAME}.jsonl"], str(tmp / DEMO_PREFIX_NAME), tokenizer, progress=False)
+            summary = preprocess([tmp / f"{DEMO_PREFIX_NAME}.jsonl"], str(tmp / DEMO_PREFIX_NAME), tokenizer,
+                                 progress=False)
             seconds = time.monotonic() - t0
             manifest = {
                 "key": _key_material(tokenizer, extra_paths),

@@ -370,13 +370,13 @@ def build_row(src: ChatSource, table: SequenceTable, members: Sequence[int], row
     at = 0
     real = 0
     for k in members:
-        t, l, f = _sequence_arrays(src, table, k)
+        t, lab, f = _sequence_arrays(src, table, k)
         L = len(t)
         span = round_up(L, align)
         if at + span > row_length:
             raise SFTDataError(f"sequences {list(members)} do not fit a row of {row_length}")
         tokens[at:at + L] = t
-        labels[at:at + L] = l
+        labels[at:at + L] = lab
         mask[at:at + L] = _weights(f, int(table.num_targets[k]), weighting)
         pos[at:at + span] = np.arange(span)
         seqlens.append(span)

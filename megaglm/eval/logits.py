@@ -52,7 +52,8 @@ def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor
     with torch.no_grad():
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=s_l * ps.get_context_parallel_world_size(),
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1,
+            seq_length=s_l * ps.get_context_parallel_world_size(),
             micro_batch_size=b_l, forward_only=True, collect_non_loss_data=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None, mb["plan"]

@@ -53,7 +53,9 @@ def default_buckets(max_length: int) -> list[int]:
 def _split_ranges(num_docs: int, split: str) -> list[tuple[int, int]]:
     """Document index ranges of the train / valid / test splits, as megatron-core's builder cuts them."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(str(split)))
     out = []

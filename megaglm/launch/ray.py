@@ -59,9 +59,19 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from megaglm.launch.ray_config import compose_launcher_config, split_overrides
-from megaglm.launch.ray_placement import (PlacementError, assign_devices, assign_ranks, choose_strategy,
-                                          describe_shortfall, format_resources, make_bundles,
-                                          master_address, nodes_from_ray, rank_env, wait_for_placement)
+from megaglm.launch.ray_placement import (
+    PlacementError,
+    assign_devices,
+    assign_ranks,
+    choose_strategy,
+    describe_shortfall,
+    format_resources,
+    make_bundles,
+    master_address,
+    nodes_from_ray,
+    rank_env,
+    wait_for_placement,
+)
 
 __all__ = ["RankWorker", "Heartbeats", "Outcome", "RayJob", "run_job", "main", "EXIT_OK",
            "EXIT_USER_ERROR", "EXIT_FAILED"]
@@ -323,8 +333,7 @@ class RayJob:
                 "Wait for it, stop it, or raise launcher.placement_timeout_s")
 
     def _place(self, attempt: int):
-        from ray.util.placement_group import placement_group, placement_group_table, \
-            remove_placement_group
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
         c = self.cfg
         bundles = make_bundles(self.world, c.cpus_per_worker, c.gpus_per_worker)
@@ -409,7 +418,7 @@ class RayJob:
             port = c.master_port or ray.get(actors[rank0.bundle].free_port.remote(maddr), timeout=60)
             _say(f"attempt {attempt}: MASTER_ADDR={maddr} MASTER_PORT={port}; workers started in "
                  f"{time.monotonic() - t0:.1f} s")
-            for slot, info, (visible, dev) in sorted(zip(slots, infos, devices), key=lambda x: x[0].rank):
+            for slot, info, (_, dev) in sorted(zip(slots, infos, devices), key=lambda x: x[0].rank):
                 gpu = f", GPU {','.join(info['gpu_ids'])} -> device {dev}" if info["gpu_ids"] else ""
                 _say(f"  rank {slot.rank}: pid {info['pid']} on {info['ip']} (node {slot.node_rank}, "
                      f"local rank {slot.local_rank}, bundle {slot.bundle}{gpu})")

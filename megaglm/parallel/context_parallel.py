@@ -27,12 +27,12 @@ The micro-batch contract (shared with the SFT packer, :mod:`megaglm.data`): a di
   from ``cu_seqlens``, so a disagreement would silently train on other positions than the data meant).
 
 Packed micro-batches are flattened to one row of ``b x s`` tokens and run in megatron's ``thd`` format
-(``PackedSeqParams``). Each segment is padded at its end to a multiple of :func:`pad_multiple`
-(``2 x CP`` under CP, so it cuts into equal zigzag chunks); the padding is taken from the row's slack, so the flattened length stays ``b x s`` and the
-pipeline's tensor shapes stay fixed: **a packer must leave room**, i.e. the documents of a micro-batch
-must satisfy ``sum(padded_length(n_i)) <= b x s`` over the documents that carry loss (see
-:func:`padded_length`, :func:`check_pack`). Left-over
-slack becomes one final pad segment. Pad slots carry token 0, label 0 and loss weight 0.
+(``PackedSeqParams``). Each segment is padded at its end to a multiple of :func:`pad_multiple` (``2 x CP``
+under CP, so it cuts into equal zigzag chunks); the padding is taken from the row's slack, so the
+flattened length stays ``b x s`` and the pipeline's tensor shapes stay fixed: **a packer must leave
+room**, i.e. the documents of a micro-batch must satisfy ``sum(padded_length(n_i)) <= b x s`` over the
+documents that carry loss (see :func:`padded_length`, :func:`check_pack`). Left-over slack becomes one
+final pad segment. Pad slots carry token 0, label 0 and loss weight 0.
 
 Unpacked rows (no ``cu_seqlens``, e.g. pretraining windows) are split per row along the sequence:
 ``[b, s] -> [b, s / CP]``; ``position_ids`` must be ``0 .. s-1``.

@@ -120,8 +120,7 @@ def build_run(plan: RunPlan, with_optimizer: bool = True, perform_initialization
 
 def _wrap_for_training(plan: RunPlan, chunks: list, tconfig) -> tuple[list, Any, Any]:
     """DDP-wrap the chunks, build the optimizer and scheduler, and hook them into ``tconfig``."""
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from megaglm.training.optim import build_optimizer, build_scheduler
 

@@ -118,7 +118,8 @@ def announce(run: Run, batches: Batches, metrics: MetricsLogger, state: LoopStat
                  f"TP{layout.tp} x PP{layout.pp} x CP{layout.cp} x DP{layout.dp}, {plan.batch.num_microbatches} "
                  f"micro-batch(es) of {plan.batch.micro_batch_size} per rank per step")
     metrics.text(f"model {plan.config.model.name}: padded vocab {run.vocab_size} (tokenizer "
-                 f"{run.tokenizer.vocab_size}); rank 0 holds {num_parameters(run):,} parameters")
+                 f"{run.tokenizer.vocab_size}); rank 0 holds {num_parameters(run):,} parameters; precision "
+                 f"{plan.config.precision.name}, {plan.backend} layers")
     if batches.unigram_entropy is not None:
         metrics.text(f"data unigram entropy {batches.unigram_entropy:.4f} nats/token (the loss of the best "
                      "context-free model)")

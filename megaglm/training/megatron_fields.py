@@ -8,7 +8,7 @@ Precision goes to all three configs together (:func:`megaglm.models.glm.precisio
 
 :data:`FIELD_DESTINATIONS` declares, for every field of those three schema sections, where it lands:
 ``transformer:<attr>``, ``ddp:<attr>``, ``optimizer:<attr>``, ``scheduler:<attr>`` or
-``megaglm:<module>:<function>`` (a setting megaglm itself acts on). The test suite enumerates the schema
+``megaglm:<module>`` (a setting megaglm itself acts on, read in that module). The test suite enumerates the schema
 and checks each declaration against the built objects, so a new setting that reaches nothing fails CI.
 """
 
@@ -24,8 +24,9 @@ from megaglm.training.plan import MegatronFields
 
 __all__ = ["FIELD_DESTINATIONS", "megatron_fields", "ddp_fields", "optimizer_fields", "scheduler_fields"]
 
-_LOOP = "megaglm:megaglm.training.loop:train"
-_LAYOUT = "megaglm:megaglm.parallel.layout:validate_layout"
+_LOOP = "megaglm:megaglm.training.loop"
+_LAYOUT = "megaglm:megaglm.parallel.layout"
+_BATCHES = "megaglm:megaglm.training.batches"
 
 FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     # ---- parallel.*
@@ -41,7 +42,7 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "parallel.overlap_param_gather": ("ddp:overlap_param_gather", "optimizer:overlap_param_gather"),
     "parallel.tp_comm_overlap": ("transformer:tp_comm_overlap",),
     # ---- precision.*
-    "precision.name": ("megaglm:megaglm.training.flops:precision_kind",),
+    "precision.name": (_LOOP,),  # named in the start-up line
     "precision.params_dtype": ("transformer:params_dtype", "optimizer:params_dtype"),
     "precision.fp8": ("transformer:fp8",),
     "precision.fp8_recipe": ("transformer:fp8_recipe", _LAYOUT),
@@ -55,9 +56,9 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "precision.num_layers_at_end_in_bf16": ("transformer:num_layers_at_end_in_bf16",),
     # ---- train.*
     "train.train_iters": ("scheduler:lr_decay_steps", _LOOP),
-    "train.micro_batch_size": (_LAYOUT, "megaglm:megaglm.training.batches:build_batches"),
-    "train.global_batch_size": (_LAYOUT, "megaglm:megaglm.training.batches:build_batches"),
-    "train.seq_length": (_LAYOUT, "megaglm:megaglm.training.batches:build_batches"),
+    "train.micro_batch_size": (_LAYOUT, _BATCHES),
+    "train.global_batch_size": (_LAYOUT, _BATCHES),
+    "train.seq_length": (_LAYOUT, _BATCHES),
     "train.lr": ("optimizer:lr", "scheduler:max_lr"),
     "train.min_lr": ("optimizer:min_lr", "scheduler:min_lr"),
     "train.lr_warmup_iters": ("scheduler:lr_warmup_steps",),
@@ -68,14 +69,14 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "train.adam_beta2": ("optimizer:adam_beta2",),
     "train.adam_eps": ("optimizer:adam_eps",),
     "train.clip_grad": ("optimizer:clip_grad",),
-    "train.seed": ("megaglm:megaglm.training.build:build_run",),
+    "train.seed": ("megaglm:megaglm.training.build",),
     "train.eval_interval": (_LOOP,),
-    "train.eval_iters": ("megaglm:megaglm.training.validation:evaluate",),
-    "train.eval_batches": ("megaglm:megaglm.training.batches:build_batches",),
+    "train.eval_iters": ("megaglm:megaglm.training.validation", _BATCHES),
+    "train.eval_batches": (_BATCHES, _LOOP),
     "train.recompute_granularity": ("transformer:recompute_granularity",),
     "train.recompute_method": ("transformer:recompute_method",),
     "train.recompute_num_layers": ("transformer:recompute_num_layers",),
-    "train.exit_after_iters": ("megaglm:megaglm.training.plan:RunPlan",),
+    "train.exit_after_iters": ("megaglm:megaglm.training.plan",),
     "train.bias_activation_fusion": ("transformer:bias_activation_fusion",),
     "train.bias_dropout_fusion": ("transformer:bias_dropout_fusion",),
     "train.masked_softmax_fusion": ("transformer:masked_softmax_fusion",),

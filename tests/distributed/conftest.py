@@ -7,11 +7,16 @@ import pytest
 @pytest.fixture(scope="session")
 def text_dataset(tmp_path_factory):
     """A small indexed dataset of real text: the documentation of a few standard-library modules."""
-    import argparse, collections, json as json_mod, pathlib, textwrap, unittest  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import json as json_mod
+    import pathlib
+    import textwrap
+    import unittest
 
+    from megaglm.config import TokenizerConfig
     from megaglm.data.preprocess import preprocess
     from megaglm.data.tokenizer import build_tokenizer
-    from megaglm.config import TokenizerConfig
 
     d = tmp_path_factory.mktemp("textdata")
     docs = []

@@ -85,7 +85,6 @@ def _docs(batch):
 def _run_case(model, batch, cp_group):
     """Full logits, loss and CP-summed grads of one micro-batch on this rank's CP share."""
     import torch.distributed as dist
-
     from megatron.core import parallel_state as ps
 
     from megaglm.parallel.context_parallel import MicroBatchLayout, gather_cp_output, prepare_micro_batch
@@ -160,7 +159,8 @@ def main() -> None:
                 "logits_rel": _rel(out["logits"][batch["loss_mask"] != 0], r["logits"][batch["loss_mask"] != 0]),
                 "loss_rel": abs(out["loss"] - r["loss"]) / abs(r["loss"]),
                 "grad_rel_max": max(_rel(out["grads"][k], r["grads"][k]) for k in r["grads"]),
-                "grad_norm_rel": max(float((out["grads"][k] - r["grads"][k]).norm() / r["grads"][k].norm().clamp(min=1e-30))
+                "grad_norm_rel": max(float((out["grads"][k] - r["grads"][k]).norm()
+                                           / r["grads"][k].norm().clamp(min=1e-30))
                                      for k in r["grads"]),
                 "loss": out["loss"], "ref_loss": r["loss"],
             }

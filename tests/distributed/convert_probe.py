@@ -47,13 +47,12 @@ def _train_one_step_and_save(spec):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from omegaconf import OmegaConf
 
-    from megaglm.config import ParallelConfig, PrecisionConfig, TrainConfig
+    from megaglm.config import ParallelConfig, PrecisionConfig, RunConfig, TrainConfig
     from megaglm.convert.common import model_config_from_dict, read_checkpoint_meta, resolve_checkpoint, run_config_yaml
     from megaglm.models.glm.builder import build_model_chunks
+    from megaglm.parallel.context_parallel import MicroBatchLayout
     from megaglm.parallel.init import init_model_parallel
     from megaglm.training.checkpointing import load_checkpoint, save_checkpoint
-    from megaglm.config import RunConfig
-    from megaglm.parallel.context_parallel import MicroBatchLayout
     from megaglm.training.megatron_fields import megatron_fields
     from megaglm.training.optim import build_optimizer, build_scheduler
     from megaglm.training.step import make_forward_step
@@ -80,7 +79,8 @@ def _train_one_step_and_save(spec):
              "position_ids": torch.arange(s).unsqueeze(0).expand(b, s)}
     model[0].zero_grad_buffer()
     optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=make_forward_step(MicroBatchLayout(pipeline_parallel=True)), data_iterator=iter([batch]), model=model[0],
+    get_forward_backward_func()(forward_step_func=make_forward_step(MicroBatchLayout(pipeline_parallel=True)),
+                                data_iterator=iter([batch]), model=model[0],
                                 num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=False)
     ok, _, _ = optimizer.step()
     assert ok

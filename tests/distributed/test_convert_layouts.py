@@ -26,8 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_convert import (  # noqa: E402
-    assert_parity, glm_config, glm_state, random_glm, read_safetensors_dir, save_glm)
+from helpers_convert import assert_parity, glm_config, glm_state, random_glm, read_safetensors_dir, save_glm  # noqa: E402
 
 from tests.distributed.harness import REPO, common_overrides, launch, plain_tensors  # noqa: E402
 
@@ -77,7 +76,7 @@ def probe(tmp_path_factory):
 def test_parity_with_transformers_at_every_layout(probe):
     root = probe["root"]
     diffs = {}
-    for case, (m, tp, pp, vpp, logits) in CASES.items():
+    for case, (m, _tp, _pp, _vpp, logits) in CASES.items():
         if not logits:
             continue
         tokens = torch.load(root / f"tokens_{m}.pt")
@@ -101,7 +100,7 @@ def test_layouts_hold_the_same_tensors_and_export_is_exact(probe, tmp_path):
         for other in group[1:]:
             got = plain_tensors(root / other / "iter_0000000")
             assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), other
-    for case, (m, tp, pp, vpp, _) in CASES.items():
+    for case, (_, tp, pp, vpp, _) in CASES.items():
         layout = inspect_checkpoint(root / case)["layout"]
         assert (layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"],
                 layout["virtual_pipeline_model_parallel_size"]) == (tp, pp, vpp or 1), case

@@ -25,7 +25,8 @@ def test_demo_learns_below_unigram_entropy(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "megaglm.train", f"run.output_dir={out}", "train.train_iters=100",
-         "train.lr_decay_iters=300", "train.eval_interval=50", "checkpoint.save_interval=50", f"data.cache_dir={REPO / 'data_cache'}"],
+         "train.lr_decay_iters=300", "train.eval_interval=50", "checkpoint.save_interval=50",
+         f"data.cache_dir={REPO / 'data_cache'}"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

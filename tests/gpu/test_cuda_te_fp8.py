@@ -121,8 +121,7 @@ def test_peak_table_knows_this_gpu():
 
 @needs_te
 def test_te_spec_build_and_forward(cuda_rank):
-    from megatron.core.extensions.transformer_engine import (TEDotProductAttention,
-                                                             TELayerNormColumnParallelLinear)
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TELayerNormColumnParallelLinear
 
     from megaglm.models.glm.builder import _te_at_least
 

@@ -41,12 +41,13 @@ def compose_cfg(overrides=()):
 
 
 def preflight_error(tmp_path, overrides=(), world=1, monkeypatch=None) -> str:
-    cfg = compose_cfg([f"run.output_dir={tmp_path / 'run'}", *FAST, *overrides])
+    ovs = [f"run.output_dir={tmp_path / 'run'}", *FAST, *overrides]
+    cfg = compose_cfg(ovs)
     if monkeypatch is not None:  # as torchrun sets them for rank 0 of a ``world``-rank job
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises((UserError, ValueError)) as exc:
-        preflight(cfg)
+        preflight(cfg, overrides=ovs)
     return str(exc.value)
 
 

@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 import tiktoken
 
-from megaglm.data.chat import (GLM4_CHAT_TEMPLATE, ChatFormatError, label_table, normalize_messages,
-                               render_chat, render_text)
-from megaglm.data.tokenizer import GLM4_PAT_STR, GLM_SPECIAL_TOKENS, GLMTokenizer, \
-    find_cl100k_file
+from megaglm.data.chat import (
+    GLM4_CHAT_TEMPLATE,
+    ChatFormatError,
+    label_table,
+    normalize_messages,
+    render_chat,
+    render_text,
+)
+from megaglm.data.tokenizer import GLM4_PAT_STR, GLM_SPECIAL_TOKENS, GLMTokenizer, find_cl100k_file
 
 WEATHER_TOOL = {
     "type": "function",

@@ -13,8 +13,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from megaglm.app.compose import CONF_DIR, check_overrides
-from megaglm.app.errors import UserError, report_error
+from megaglm.app.compose import CONF_DIR
+from megaglm.app.errors import UserError
 from megaglm.app.preflight import preflight
 from megaglm.config import register_configs
 from megaglm.eval import long_context as lc
@@ -27,11 +27,12 @@ FAST = ["train.train_iters=1", "train.eval_interval=0", "logging.tensorboard_dir
 def preflight_error(tmp_path, monkeypatch, world, overrides) -> str:
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"run.output_dir={tmp_path / 'run'}", *FAST, *overrides])
+        ovs = [f"run.output_dir={tmp_path / 'run'}", *FAST, *overrides]
+        cfg = compose("config", overrides=ovs)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises((UserError, ValueError)) as exc:
-        preflight(cfg)
+        preflight(cfg, overrides=ovs)
     return str(exc.value)
 
 

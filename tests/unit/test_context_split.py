@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from megaglm.parallel.zigzag import gather_index as zigzag_gather_index
 from megaglm.parallel import context_parallel as ctx
+from megaglm.parallel.zigzag import gather_index as zigzag_gather_index
 
 
 def brute_force_split(b, s, cu, weights, cp):

@@ -25,7 +25,6 @@ from megaglm.convert.hf_io import HFCheckpoint, SafetensorsShardWriter, read_saf
 from megaglm.models.glm import hf_glm_mapping as glm  # noqa: E402
 from megaglm.models.glm import thudm_mapping as thudm  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------------
 # QKV layout, one constant per head
 # ------------------------------------------------------------------------------------------------

@@ -85,12 +85,13 @@ def ckpts(tmp_path_factory, world):
 
 
 def _load(ckpt, **model_overrides):
+    from megatron.core import parallel_state as ps
+
     from megaglm.config import ParallelConfig, PrecisionConfig
     from megaglm.convert.common import model_config_from_dict, read_checkpoint_meta, resolve_checkpoint
     from megaglm.models.glm.builder import build_model
     from megaglm.parallel.init import init_model_parallel
     from megaglm.training.checkpointing import load_checkpoint
-    from megatron.core import parallel_state as ps
 
     meta = read_checkpoint_meta(resolve_checkpoint(ckpt))
     mc = model_config_from_dict(meta["model"])

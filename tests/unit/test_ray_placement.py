@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import pytest
 
-from megaglm.launch.ray_placement import (NodeInfo, PlacementError, assign_devices, assign_ranks,
-                                          bundle_capacity, choose_strategy, describe_shortfall,
-                                          make_bundles, master_address, nodes_from_ray, rank_env,
-                                          wait_for_placement)
+from megaglm.launch.ray_placement import (
+    NodeInfo,
+    PlacementError,
+    assign_devices,
+    assign_ranks,
+    bundle_capacity,
+    choose_strategy,
+    describe_shortfall,
+    make_bundles,
+    master_address,
+    nodes_from_ray,
+    rank_env,
+    wait_for_placement,
+)
 
 
 def cluster(*specs):

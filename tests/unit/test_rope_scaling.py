@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers_model import load_model_preset, single_rank_megatron  # noqa: E402
 
+from megaglm.app.compose import CONF_DIR as _CONF_DIR  # noqa: E402
 from megaglm.config import ParallelConfig, PrecisionConfig, register_configs  # noqa: E402
 from megaglm.models.glm import builder, rope  # noqa: E402
-from megaglm.app.compose import CONF_DIR as _CONF_DIR  # noqa: E402
 
 STAGES = sorted(p.stem for p in (Path(_CONF_DIR) / "stage").glob("*.yaml") if p.stem != "none")
 
@@ -54,7 +54,10 @@ def test_formulas_by_hand():
 def test_yarn_matches_megatron_cores_yarn_helpers():
     """YaRN (Peng et al. 2023) against megatron-core's own ramp functions, over GLM's rotary dims."""
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-        _yarn_find_correction_range, _yarn_get_concentration_factor, _yarn_linear_ramp_mask)
+        _yarn_find_correction_range,
+        _yarn_get_concentration_factor,
+        _yarn_linear_ramp_mask,
+    )
 
     for base, s, orig, d_model in [(1e4, 4.0, 256, _tiny()), (5e5, 16.0, 8192, load_model_preset("glm4_9b"))]:
         d_model.rotary_base, d_model.rope_scaling, d_model.rope_scaling_factor = base, "yarn", s
@@ -81,8 +84,9 @@ def test_built_model_uses_the_config_table(megatron_rank, kw):
     assert torch.allclose(rope.effective_inv_freq(model), rope.expected_inv_freq(m), rtol=1e-6)
     cfg = model.config
     if kw.get("rope_scaling") == "yarn":
-        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import \
-            _yarn_get_concentration_factor_from_config
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+            _yarn_get_concentration_factor_from_config,
+        )
 
         assert _yarn_get_concentration_factor_from_config(cfg) == pytest.approx(0.1 * math.log(16) + 1)
         assert cfg.apply_rope_fusion is False

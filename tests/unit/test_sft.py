@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from megaglm.data.sft import (ChatSource, SFTBatchIterator, SFTDataError, SFTDataset, build_row, collate_sft,
-                              pack_sequences, prepare_sequences, round_up)
+from megaglm.data.sft import (
+    ChatSource,
+    SFTBatchIterator,
+    SFTDataError,
+    SFTDataset,
+    build_row,
+    collate_sft,
+    pack_sequences,
+    prepare_sequences,
+    round_up,
+)
 from megaglm.training.loss import masked_token_loss
 
 PAD = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -93,7 +92,8 @@ def test_max_length_truncate_or_drop_is_counted(tmp_path, tok):
     lengths = [len(render_chat(tok, r["messages"]).ids) - 1 for r in GOOD]
     cap = sorted(lengths)[1]  # the longest one is over it
     t = preprocess_chat([src], str(tmp_path / "t"), tok, max_length=cap, overlong="truncate")
-    assert t.documents == 3 and t.truncated == 1 and t.truncated_examples == [f"{src}:{lengths.index(max(lengths)) + 1}"]
+    longest_line = lengths.index(max(lengths)) + 1
+    assert t.documents == 3 and t.truncated == 1 and t.truncated_examples == [f"{src}:{longest_line}"]
     assert max(ChatSource.from_prefixes([str(tmp_path / "t")]).lengths) == cap + 1
     d = preprocess_chat([src], str(tmp_path / "d"), tok, max_length=cap, overlong="drop")
     assert d.documents == 2 and d.skipped == {f"longer than --max-length {cap} (dropped)": 1}

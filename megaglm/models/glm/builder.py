@@ -15,15 +15,18 @@ import math
 import warnings
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 
 from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from megaglm.models.glm.precision import DTYPES, mixed_precision_fields
-from megaglm.models.glm.rope import (config_rope_attributes, gptmodel_rope_kwargs, install_rope,
-                                     rope_settings)
-from megaglm.models.glm.spec import (check_attention_backend, core_attention_class, glm_block_spec,
-                                     select_backend, transformer_engine_available)
+from megaglm.models.glm.rope import config_rope_attributes, gptmodel_rope_kwargs, install_rope, rope_settings
+from megaglm.models.glm.spec import (
+    check_attention_backend,
+    core_attention_class,
+    glm_block_spec,
+    select_backend,
+    transformer_engine_available,
+)
 
 __all__ = [
     "DTYPES",
@@ -210,7 +213,8 @@ def _perf_fields(parallel_cfg: ParallelConfig, train_cfg: Optional[TrainConfig],
         if backend != "te":
             raise ValueError(
                 "parallel.tp_comm_overlap=true needs Transformer Engine on a CUDA device (userbuffers); "
-                f"device={device_type}, transformer_engine {'imports' if transformer_engine_available() else 'is not installed'}"
+                f"device={device_type}, transformer_engine "
+                f"{'imports' if transformer_engine_available() else 'is not installed'}"
             )
         if int(parallel_cfg.tensor_model_parallel_size) < 2 or not parallel_cfg.sequence_parallel:
             raise ValueError(
@@ -522,7 +526,8 @@ def build_model_chunks(
     """
     config = transformer_config(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type, config_fields)
     if config.tp_comm_overlap:  # TE userbuffers must exist before the TE layers are built
-        initialize_tp_comm_overlap(config, int(train_cfg.seq_length if train_cfg else model_cfg.max_position_embeddings),
+        seq = train_cfg.seq_length if train_cfg else model_cfg.max_position_embeddings
+        initialize_tp_comm_overlap(config, int(seq),
                                    int(train_cfg.micro_batch_size if train_cfg else 1))
     vpp = config.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))

@@ -416,7 +416,7 @@ def _convert(
         if rule.per_layer and layers:
             layer_sets[srcs[0]] = tuple(layers)
         for layer in layers:
-            fill = (lambda p: p.format(layer=layer)) if layer is not None else (lambda p: p)
+            fill = (lambda p, n=layer: p.format(layer=n)) if layer is not None else (lambda p: p)
             names = [fill(p) for p in srcs]
             missing = [n for n in names if n not in src]
             if missing:

@@ -75,7 +75,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight)
         self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         # Read by megatron's finalize_model_grads: sum this grad over the TP group under SP.
-        setattr(self.weight, "sequence_parallel", self.sequence_parallel)
+        self.weight.sequence_parallel = self.sequence_parallel
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
