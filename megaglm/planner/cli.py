@@ -107,6 +107,13 @@ def _request(args):
         gpu = resolve_gpu(args.gpu)
     except ValueError as exc:
         raise PlanError(f"--gpu {args.gpu}: {exc}") from None
+    if args.fp8 and not gpu.peak_tflops.get("fp8"):
+        raise PlanError(f"--fp8 {args.fp8}: the {gpu.label} has no FP8 tensor cores; leave --fp8 out")
+    if args.fp8 == "mxfp8" and gpu.kind != "b200":
+        raise PlanError(f"--fp8 mxfp8: MXFP8 needs a Blackwell GPU (--gpu b200), not the {gpu.label}; use "
+                        "--fp8 delayed or --fp8 current")
+    if args.fp8 and args.precision == "fp32":
+        raise PlanError("--fp8: FP8 runs on bf16 parameters; use --precision bf16")
     if args.reserve_gb < 0:
         raise PlanError(f"--reserve-gb {args.reserve_gb}: must be >= 0")
     if not 0 < args.mfu <= 1:
@@ -179,7 +186,11 @@ def run(argv: Optional[list] = None, out=None) -> int:
             raise PlanError("--distributed-optimizer true: no layout has more than one data-parallel rank to "
                             "shard over")
         reason, count = Counter(r for _, r in result.invalid).most_common(1)[0]
-        raise PlanError(f"--gpus {req.gpus}: no layout of {req.gpus} GPUs passes megaglm's layout checks "
+        if all("train.seq_length" in r for _, r in result.invalid):
+            flag = f"--seq-length {req.seq_length}"
+        else:
+            flag = f"--gpus {req.gpus}"
+        raise PlanError(f"{flag}: no layout of {req.gpus} GPUs passes megaglm's layout checks "
                         f"({len(result.invalid)} tried); most common reason ({count}x): {reason}")
     if args.json:
         out.write(json.dumps(to_dict(result, args.top), indent=1) + "\n")

@@ -120,17 +120,18 @@ def render_text(plan: Plan, top: int = 5, pick: int = 1, limit_reasons: int = 6)
                      "for (RoPE is used beyond it)")
     n_layouts = len({(c.shape.tp, c.shape.pp, c.shape.vpp, c.shape.cp) for c in plan.candidates})
     lines.append(f"  {len(plan.candidates)} options estimated ({n_layouts} valid layouts x recompute x optimizer "
-                 f"sharding), {len(plan.fitting)} fit; {len(plan.invalid)} layouts refused by megaglm's layout checks")
+                 f"sharding; SP wherever TP > 1), {len(plan.fitting)} fit; {len(plan.invalid)} layouts refused by "
+                 "megaglm's layout checks")
     lines.append("")
     best = best_layouts(plan, top)
     if best:
         lines.append("Best layouts (fastest first; GB on the fullest rank; seconds per step):")
-        lines.append(" #  layout                    recompute  dist-opt | weights  grads  optim  activ  total "
+        lines.append(" #  layout                      recompute  dist-opt | weights  grads  optim  activ  total "
                      "| step s  bubble   TP     CP     DP     PP | tokens/s  MFU")
         for i, c in enumerate(best, 1):
             m, t = c.memory, c.time
             lines.append(
-                f"{i:2d}  {c.shape.label():<24}  {c.recompute:<9}  {'yes' if c.distributed_optimizer else 'no':<8} | "
+                f"{i:2d}  {c.shape.label():<26}  {c.recompute:<9}  {'yes' if c.distributed_optimizer else 'no':<8} | "
                 f"{_gb(m.weights):>7} {_gb(m.grads):>6} {_gb(m.optimizer):>6} {_gb(m.activations):>6} "
                 f"{_gb(m.total):>6} | "
                 f"{t.total:6.2f} {t.bubble:7.2f} {t.tp_comm:5.2f} {t.cp_comm:6.2f} {t.dp_comm:6.2f} {t.pp_comm:6.2f} | "

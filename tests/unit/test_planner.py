@@ -379,6 +379,10 @@ def test_gpu_count_no_layout_accepts_is_explained(capsys):
     (["--mfu", "1.5"], "--mfu"),
     (["--gpus", "8", "--tp", "2", "--cp", "3"], "--cp 3"),
     (["--micro-batch", "3"], "--global-batch 128"),
+    (["--fp8", "mxfp8"], "--fp8 mxfp8"),
+    (["--fp8", "delayed", "--gpu", "a100"], "--fp8 delayed"),
+    (["--fp8", "delayed", "--seq-length", "8200"], "--seq-length 8200"),  # 8200 is no multiple of 16
+    (["--vocab-size", "200000"], "--vocab-size"),  # more than glm4_9b's 151552 rows
 ])
 def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
     args = list(BASE)
