@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -78,6 +79,20 @@ def _optimizers(optimizer):
     return [o.optimizer for o in inner]
 
 
+def _init_groups(parallel) -> None:
+    """megatron-core's process groups for ``parallel`` and its seeded RNG trackers."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size)
+    torch.manual_seed(1234)
+    model_parallel_cuda_manual_seed(1234)
+
+
 def _adam(model, params_dtype: str, distributed: bool):
     """megatron-core's Adam as megaglm configures it (fp32 main params for bf16 / fp16 models)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -95,8 +110,6 @@ def _count_layout(case: dict, presets: dict) -> dict:
 
     from megaglm.config import ParallelConfig, PrecisionConfig
     from megaglm.models.glm.builder import build_model_chunks, padded_vocab_size
-    from megaglm.parallel.init import init_model_parallel
-
     model_cfg = presets[case.get("model", "tiny")]
     tp, pp, cp = case.get("tp", 1), case.get("pp", 1), case.get("cp", 1)
     distopt = bool(case.get("distopt", False))
@@ -104,7 +117,7 @@ def _count_layout(case: dict, presets: dict) -> dict:
                               virtual_pipeline_model_parallel_size=case.get("vpp"), context_parallel_size=cp,
                               use_distributed_optimizer=distopt)
     precision = PrecisionConfig(name=case.get("dtype", "fp32"), params_dtype=case.get("dtype", "fp32"))
-    init_model_parallel(parallel, 1234)
+    _init_groups(parallel)
     vocab = padded_vocab_size(model_cfg, TOKENIZER_VOCAB, tp)
     chunks = build_model_chunks(model_cfg, parallel, precision, vocab)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt)
@@ -158,10 +171,8 @@ def _activation_case(case: dict, bench) -> dict:
 
     from megaglm.config import ParallelConfig, PrecisionConfig, TrainConfig
     from megaglm.models.glm.builder import build_model
-    from megaglm.parallel.init import init_model_parallel
-
     parallel = ParallelConfig(tensor_model_parallel_size=case["tp"], sequence_parallel=case["sp"])
-    init_model_parallel(parallel, 1234)
+    _init_groups(parallel)
     train = TrainConfig()
     if case["recompute"] == "selective":
         train.recompute_granularity = "selective"
@@ -184,13 +195,13 @@ def _activation_case(case: dict, bench) -> dict:
 
 
 def main() -> None:
-    from megaglm.convert.cli import quiet_warnings
-    from megaglm.parallel.init import destroy, init_distributed
     from megaglm.planner.presets import load_preset, model_config
     from megaglm.platform import setup_platform
 
-    quiet_warnings()
-    rank, world = init_distributed(setup_platform("cpu"))
+    warnings.filterwarnings("ignore")
+    setup_platform("cpu")
+    torch.distributed.init_process_group("gloo")  # torchrun's environment
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     assert world == 4, "the planner probe runs on 4 ranks"
     presets = {"tiny": load_preset("tiny"), "odd": model_config(**ODD_MODEL)}
     records = [_count_layout(case, presets) for case in LAYOUTS]
@@ -201,7 +212,7 @@ def main() -> None:
     if rank == 0:
         Path(os.environ["PLANNER_PROBE_OUT"]).write_text(json.dumps(
             {"tokenizer_vocab": TOKENIZER_VOCAB, "odd_model": ODD_MODEL, "ranks": gathered}, indent=1))
-    destroy()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
