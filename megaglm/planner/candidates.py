@@ -254,7 +254,9 @@ def peak_tflops(req: Request) -> float:
 
 def estimate(req: Request, shape: Shape, recompute: str, distributed_optimizer: bool,
              network: Optional[Network] = None, peak: Optional[float] = None) -> Candidate:
-    """Memory of the fullest rank and the step time of one option."""
+    """One option's :class:`Candidate`: the bytes of its fullest rank (the pipeline stage with the largest
+    weights + grads + optimizer + peak activations; optimizer state of DP x CP shard 0) and its seconds per
+    step; ``fits`` compares the bytes with ``req.usable_bytes``."""
     network = network or _network(req)
     peak = peak or peak_tflops(req)
     vocab = padded_vocab_size(req.model_cfg, req.vocab, shape.tp)

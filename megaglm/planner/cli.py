@@ -22,7 +22,8 @@ class PlanError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
+    def error(self, message):
+        """argparse's usage errors as a :class:`PlanError` (one line, exit 2)."""
         raise PlanError(message)
 
 
