@@ -42,10 +42,18 @@ class TokenizerSpec:
     model_file: Optional[str] = None
 
     def build(self) -> Any:
-        """A :class:`~megaglm.data.tokenizer.GLMTokenizer` (raises its errors)."""
+        """A :class:`~megaglm.data.tokenizer.GLMTokenizer` (raises its errors); built once per process
+        (and per file content) and shared."""
         from megaglm.data.tokenizer import GLMTokenizer
 
-        return GLMTokenizer(self.type, self.model_file)
+        key = (self.type, self.model_file,
+               os.stat(self.model_file).st_mtime_ns if self.model_file and os.path.exists(self.model_file) else None)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = GLMTokenizer(self.type, self.model_file)
+        return _TOKENIZERS[key]
+
+
+_TOKENIZERS: dict[tuple, Any] = {}
 
 
 def iter_file_texts(path: Path, json_key: str, skips: _Skips, progress: Any, *, skip_bad_lines: bool,
