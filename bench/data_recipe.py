@@ -108,8 +108,12 @@ def datatrove_direct(path: Path, work: Path, kind: str) -> None:
         LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(work / "logs" / name)).run()
 
     if kind == "exact":
-        from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                          ExactFindDedups)
+        from datatrove.pipeline.dedup.exact_dedup import (
+            ExactDedupConfig,
+            ExactDedupFilter,
+            ExactDedupSignature,
+            ExactFindDedups,
+        )
 
         from megaglm.data.recipe.dedup import exact_key
 
@@ -118,8 +122,13 @@ def datatrove_direct(path: Path, work: Path, kind: str) -> None:
         run([ExactFindDedups(str(work / "sigs"), str(work / "dups"), cfg)], 1, "2")
         run([reader(), ExactDedupFilter(str(work / "dups"), cfg), writer(work / "out")], 1, "3")
     else:
-        from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                      MinhashDedupFilter, MinhashDedupSignature)
+        from datatrove.pipeline.dedup.minhash import (
+            MinhashConfig,
+            MinhashDedupBuckets,
+            MinhashDedupCluster,
+            MinhashDedupFilter,
+            MinhashDedupSignature,
+        )
 
         cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(64, "xxhash"))
         run([reader(), MinhashDedupSignature(str(work / "sigs"), cfg, language=UnicodeWordTokenizer())], 1, "1")

@@ -65,7 +65,8 @@ def test_exact_removes_identical_and_whitespace_case_variants(tmp_path):
     assert s["documents_in"] == 45 and s["kept"] == 41 and s["removed"] == 4 and s["balanced"]
     clusters = [json.loads(x) for x in (tmp_path / "out" / "clusters.jsonl").read_text().splitlines()]
     assert sorted(c["kept"].rsplit(":", 1)[1] for c in clusters) == ["2", "3", "4", "5"]
-    assert all(c["size"] == 2 and len(c["removed"]) == 1 and c["removed"][0].startswith(str(tmp_path / "in" / "b.jsonl"))
+    b_file = str(tmp_path / "in" / "b.jsonl")
+    assert all(c["size"] == 2 and len(c["removed"]) == 1 and c["removed"][0].startswith(b_file)
                for c in clusters)
     removed = read_parts(tmp_path / "out" / "removed")
     assert sorted(r["where"] for r in removed) == sorted(sum((c["removed"] for c in clusters), []))
@@ -106,7 +107,7 @@ def make_pairs(seed: int = 0, pairs: int = 120, singles: int = 80, words: int = 
     # letters only: the shingle normalization (datatrove's simplify_text) maps every digit to 0
     vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(20000)]
     docs, truth = [], []
-    for p in range(pairs):
+    for _ in range(pairs):
         base = [rng.choice(vocab) for _ in range(words)]
         k = int(round(rng.uniform(0, 0.07) * words))
         var = list(base)

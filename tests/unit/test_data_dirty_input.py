@@ -4,7 +4,6 @@ lines, empty files - counted and reported with file:line, the run completes, no 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +44,8 @@ def test_dedup_reports_every_bad_line_and_keeps_all_good(dirty, tmp_path):
     a = d / "in" / "a.jsonl"
     assert {k: v for k, v in s["rejected_input"].items() if k != "empty file"} == {k: 1 for k in expected}
     assert s["rejected_input"]["empty file"] == 2
-    rejects = [json.loads(x) for p in sorted((out / "rejects").glob("part-*.jsonl")) for x in p.read_text().splitlines()]
+    rejects = [json.loads(x) for p in sorted((out / "rejects").glob("part-*.jsonl"))
+               for x in p.read_text().splitlines()]
     assert sorted((r["reason"], r["where"]) for r in rejects) == sorted(
         [(k, f"{a}:{v[0]}") for k, v in expected.items()]
         + [("empty file", str(d / "in" / "empty.jsonl")), ("empty file", str(d / "in" / "zero.txt"))])

@@ -4,7 +4,6 @@ called directly; counts add up per rule and every dropped document has its side-
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from datatrove.data import Document
@@ -59,8 +58,12 @@ EXPECTED_RULE = {
 
 def library_decision(name: str, text: str, lang: str):
     """The first rule that drops ``text``, asking datatrove's filters directly (reference)."""
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
 
     words = UnicodeWordTokenizer()
     gq = (GopherQualityFilter(language=words, min_avg_word_length=None, max_avg_word_length=None,

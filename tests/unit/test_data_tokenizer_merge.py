@@ -66,8 +66,9 @@ def test_chinese_takes_fewer_tokens(merged):
     assert rows["en"]["merged bytes/token"] >= 0.99 * rows["en"]["cl100k_glm bytes/token"]
 
 
-FRAGMENTS = ["中文", "北京的天气", "人民日报", "，", "。", "the", " quick brown fox", "def f(x):\n    return x ** 2",
-             "{\"a\": [1, 2]}", "🙂", "👩‍👩‍👧", "\t", "\n\n", " ", "Grüße", "日本語", "한국어", "<|endoftext|>", "ŉ", "\r\n"]
+FRAGMENTS = ["中文", "北京的天气", "人民日报", "，", "。", "the", " quick brown fox",
+             "def f(x):\n    return x ** 2", "{\"a\": [1, 2]}",
+             "🙂", "👩‍👩‍👧", "\t", "\n\n", " ", "Grüße", "日本語", "한국어", "<|endoftext|>", "ŉ", "\r\n"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

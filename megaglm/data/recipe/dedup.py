@@ -39,8 +39,14 @@ from datatrove.pipeline.base import PipelineStep
 
 from megaglm.data.recipe.documents import DocumentReader, RecipeError, Shard
 from megaglm.data.recipe.executors import ExecutorOptions, run_stage
-from megaglm.data.recipe.outputs import (Counts, ExclusionSink, PartWriter, SideFiles, atomic_write_text,
-                                         read_jsonl_parts)
+from megaglm.data.recipe.outputs import (
+    Counts,
+    ExclusionSink,
+    PartWriter,
+    SideFiles,
+    atomic_write_text,
+    read_jsonl_parts,
+)
 from megaglm.data.recipe.rundir import RunDir
 from megaglm.data.recipe.words import UnicodeWordTokenizer
 
@@ -243,8 +249,12 @@ def run_exact_dedup(shards: Sequence[Shard], run: RunDir, tasks: int, options: E
     Raises:
         StageFailed: a stage had incomplete tasks (rerun to resume).
     """
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                      ExactFindDedups)
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
     from datatrove.utils.hashing import HashConfig
 
     t0 = time.monotonic()
@@ -279,8 +289,13 @@ def run_fuzzy_dedup(shards: Sequence[Shard], run: RunDir, tasks: int, options: E
         RecipeError: bad :class:`FuzzyParams`.
         StageFailed: a stage had incomplete tasks (rerun to resume).
     """
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.utils.hashing import HashConfig
 
     bands, rows = params.resolved()

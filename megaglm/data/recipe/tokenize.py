@@ -28,8 +28,16 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megaglm.data.preprocess import (_BATCH_CHARS, _BATCH_DOCS, PreprocessError, PreprocessSummary, _is_jsonl,
-                                     _iter_jsonl, _read_text_file, _Skips)
+from megaglm.data.preprocess import (
+    _BATCH_CHARS,
+    _BATCH_DOCS,
+    PreprocessError,
+    PreprocessSummary,
+    _is_jsonl,
+    _iter_jsonl,
+    _read_text_file,
+    _Skips,
+)
 
 __all__ = ["TokenizerSpec", "tokenize_documents", "iter_file_texts", "tokenize_source", "tokenize_sources"]
 
@@ -151,7 +159,8 @@ def _tokenize_shard(shard: Any, prefix: str, spec: TokenizerSpec, json_key: str,
             if os.path.exists(tmp + s):
                 os.unlink(tmp + s)
     tally = {"shard": list(shard.__dict__.values()), "documents": summary.documents, "tokens": summary.tokens,
-             "input_bytes": shard.size, "text_bytes": text_bytes, "skipped": dict(skips.counts), "skipped_examples": skips.examples}
+             "input_bytes": shard.size, "text_bytes": text_bytes, "skipped": dict(skips.counts),
+             "skipped_examples": skips.examples}
     from megaglm.data.recipe.outputs import atomic_write_text
 
     atomic_write_text(done, json.dumps(tally))
