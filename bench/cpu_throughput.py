@@ -59,8 +59,8 @@ def main() -> None:
     steps = [r for r in recs if "train/step_time" in r and r["iteration"] > args.warmup]
     step_time = statistics.median(r["train/step_time"] for r in steps)
     tokens = args.global_batch_size * args.seq_length
-    import torch
     import megatron.core
+    import torch
 
     result = {
         "date": datetime.date.today().isoformat(),

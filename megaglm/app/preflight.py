@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -127,15 +126,12 @@ def _check_stage_eval(cfg: DictConfig) -> None:
 
 def _check_data(cfg: DictConfig) -> None:
     from megaglm.data.pretrain import parse_blend
+    from megaglm.data.splits import split_ranges
 
-    split = str(cfg.data.split)
-    try:  # as megatron-core's parse_and_normalize_split reads it
-        shares = [float(x) for x in re.findall(r"[.0-9]+", split)]
-    except ValueError:
-        shares = []
-    if not 1 <= len(shares) <= 3 or not math.isfinite(sum(shares)) or sum(shares) <= 0:
-        raise UserError(f"data.split={split!r}: expected up to three non-negative numbers with a positive "
-                        "sum (train, valid, test shares), e.g. '969,30,1'")
+    try:
+        split_ranges(1, str(cfg.data.split))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     blend = list(cfg.data.blend or [])
     if blend:
         parse_blend(blend)

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 from megaglm.data.batching import MicroBatchIterator
+from megaglm.data.splits import split_ranges
 from megaglm.parallel.alignment import seq_alignment
 
 __all__ = [
@@ -618,21 +619,6 @@ class SFTData:
         return "\n".join(lines)
 
 
-def _split_ranges(n: int, split: str) -> list[tuple[int, int]]:
-    shares = [float(x) for x in str(split).replace("/", ",").split(",") if x.strip()]
-    while len(shares) < 3:
-        shares.append(0.0)
-    total = sum(shares)
-    if total <= 0 or any(s < 0 for s in shares):
-        raise SFTDataError(f"data.split={split!r}: expected up to three non-negative shares")
-    bounds = [0]
-    acc = 0.0
-    for s in shares:
-        acc += s / total
-        bounds.append(int(round(acc * n)))
-    return [(bounds[k], bounds[k + 1]) for k in range(3)]
-
-
 def alignment_for(parallel_cfg: Any, data_cfg: Any) -> tuple[int, int]:
     """``(pad_multiple, doc_align)`` for a layout.
 
@@ -657,11 +643,13 @@ def alignment_for(parallel_cfg: Any, data_cfg: Any) -> tuple[int, int]:
 
 
 def build_sft_data(cfg: Any, tokenizer: Any, data_parallel_rank: int = 0, data_parallel_size: int = 1,
-                   log: Optional[Callable[[str], None]] = None) -> SFTData:
+                   log: Optional[Callable[[str], None]] = None,
+                   demo_prefixes: Optional[Sequence[str]] = None) -> SFTData:
     """Build the SFT train / valid datasets of a run config (``data.format=chat``).
 
-    Reads ``data.blend`` (chat-dataset prefixes, concatenated; empty with ``data.demo_corpus=true``
-    builds the LongAlign-style demo, :mod:`megaglm.data.sft_demo`), ``data.split``,
+    Reads ``data.blend`` (chat-dataset prefixes, concatenated; when it is empty, ``demo_prefixes`` --
+    the LongAlign-style demo of :func:`megaglm.data.sft_demo.chat_blend` with ``data.demo_corpus=true``),
+    ``data.split``,
     ``data.batching``, ``data.loss_weighting``, ``data.overlong``, ``data.pack_algorithm``,
     ``data.pad_to_multiple``, ``train.seq_length`` / ``global_batch_size`` / ``micro_batch_size`` /
     ``seed`` and the CP / TP / SP sizes.
@@ -670,14 +658,10 @@ def build_sft_data(cfg: Any, tokenizer: Any, data_parallel_rank: int = 0, data_p
         SFTDataError: bad settings or files (the message names the key or file).
     """
     data = cfg.data
-    blend = list(data.blend or [])
+    blend = list(data.blend or []) or list(demo_prefixes or [])
     if not blend:
-        if not data.demo_corpus:
-            raise SFTDataError("data.blend is empty and data.demo_corpus is false: give data.blend=[PREFIX] "
-                               "(made by megaglm-preprocess --format chat)")
-        from megaglm.data.sft_demo import ensure_sft_demo_dataset
-
-        blend = [ensure_sft_demo_dataset(data.cache_dir or "data_cache", tokenizer)]
+        raise SFTDataError("data.blend is empty and data.demo_corpus is false: give data.blend=[PREFIX] "
+                           "(made by megaglm-preprocess --format chat)")
     prefixes = []
     for k, item in enumerate(blend):
         if isinstance(item, (int, float)) or (isinstance(item, str) and _is_number(item)):
@@ -692,7 +676,10 @@ def build_sft_data(cfg: Any, tokenizer: Any, data_parallel_rank: int = 0, data_p
     src = ChatSource.from_prefixes(prefixes, tokenizer)
     seq_length = int(cfg.train.seq_length)
     G, b = int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size)
-    ranges = _split_ranges(len(src), data.split)
+    try:
+        ranges = split_ranges(len(src), data.split)
+    except ValueError as err:
+        raise SFTDataError(str(err)) from None
     pad_multiple, doc_align = alignment_for(cfg.parallel, data)
     common = dict(seq_length=seq_length, global_batch_size=G, batching=data.batching,
                   loss_weighting=data.loss_weighting, seed=int(cfg.train.seed), pad_id=int(tokenizer.pad),

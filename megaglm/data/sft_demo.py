@@ -47,6 +47,7 @@ __all__ = [
     "make_conversation",
     "build_demo_conversations",
     "ensure_sft_demo_dataset",
+    "chat_blend",
     "held_out_conversations",
     "main",
 ]
@@ -281,14 +282,23 @@ def ensure_sft_demo_dataset(cache_dir: str, tokenizer: Any, n: int = 2000, max_t
     return str(prefix)
 
 
+def chat_blend(data_cfg: Any, tokenizer: Any) -> list[str]:
+    """The chat datasets a run trains on: ``data.blend``, or when it is empty and ``data.demo_corpus`` is
+    true, the demo dataset (built once under ``data.cache_dir``)."""
+    blend = [str(x) for x in (data_cfg.blend or [])]
+    if blend or not data_cfg.demo_corpus:
+        return blend
+    return [str(ensure_sft_demo_dataset(data_cfg.cache_dir or "data_cache", tokenizer))]
+
+
 def held_out_conversations(data_cfg: Any, tokenizer: Any, n: int) -> list[dict[str, Any]]:
     """Up to ``n`` demo conversations training did not see: the test split of ``data.split``, or the
     validation split when the test share is 0 (the records' order is the dataset's)."""
-    from megaglm.data.sft import _split_ranges
+    from megaglm.data.splits import split_ranges
 
     demo = Path(ensure_sft_demo_dataset(data_cfg.cache_dir, tokenizer)).parent
     records = [json.loads(line) for line in (demo / "conversations.jsonl").read_text().splitlines()]
-    ranges = _split_ranges(len(records), data_cfg.split)
+    ranges = split_ranges(len(records), data_cfg.split)
     lo, hi = ranges[2] if ranges[2][1] > ranges[2][0] else ranges[1]
     return records[lo:hi][:n]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -31,8 +30,14 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from megaglm.data.chat import DEFAULT_END_TOKEN, ChatFormatError, render_chat
-from megaglm.data.preprocess import (PreprocessError, PreprocessSummary, _Skips, _strip_suffix,
-                                     collect_input_files, iter_utf8_lines)
+from megaglm.data.inputs import (
+    PreprocessError,
+    PreprocessSummary,
+    Skips,
+    collect_input_files,
+    iter_utf8_lines,
+    strip_suffix,
+)
 from megaglm.data.sft import CHAT_FORMAT_VERSION, MANIFEST_SUFFIX, OVERLONG_POLICIES, TARGETS_SUFFIX
 
 __all__ = ["ChatPreprocessSummary", "preprocess_chat", "iter_chat_jsonl"]
@@ -132,7 +137,7 @@ def preprocess_chat(
     if end_token not in tokenizer.special_tokens:
         raise PreprocessError(f"--end-token {end_token!r} is not a special token")
     files = collect_input_files(inputs)
-    prefix = _strip_suffix(os.fspath(output_prefix))
+    prefix = strip_suffix(os.fspath(output_prefix))
     if not Path(prefix).name or prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():
         raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r} names a directory, not a "
                               "dataset prefix; give a file-name prefix, e.g. data/my_chat")
@@ -140,7 +145,7 @@ def preprocess_chat(
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     summary = ChatPreprocessSummary(prefix, dtype=np.dtype(dtype).name)
-    skips = _Skips()
+    skips = Skips()
     name = Path(prefix).name
     tag = f".tmp{os.getpid()}"
     tmp = {s: out_dir / f".{name}{tag}{s}" for s in (".bin", ".idx", TARGETS_SUFFIX + ".bin",
@@ -229,9 +234,3 @@ def main_chat(args: Any, tokenizer: Any) -> ChatPreprocessSummary:
         skip_bad_lines=args.skip_bad_lines, max_length=args.max_length, overlong=args.overlong,
         end_token=args.end_token,
     )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from megaglm.data.preprocess import main
-
-    sys.exit(main(["--format", "chat", *sys.argv[1:]]))

@@ -50,23 +50,6 @@ def default_buckets(max_length: int) -> list[int]:
     return edges + [max_length]
 
 
-def _split_ranges(num_docs: int, split: str) -> list[tuple[int, int]]:
-    """Document index ranges of the train / valid / test splits, as megatron-core's builder cuts them."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(str(split)))
-    out = []
-    for bookend in matrix:
-        if bookend is None:
-            out.append((0, 0))
-        else:
-            out.append((int(round(bookend[0] * num_docs)), int(round(bookend[1] * num_docs))))
-    return out
-
-
 def _prefixes(cfg, tokenizer) -> list[str]:
     if len(cfg.data.blend) == 0:
         from megaglm.data.demo import ensure_demo_dataset
@@ -88,11 +71,13 @@ def held_out_documents(cfg, tokenizer, min_tokens: int, count: int) -> list[torc
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megaglm.data.splits import split_ranges
+
     docs: list[torch.Tensor] = []
     for which in (1, 2):  # valid, then test
         for prefix in _prefixes(cfg, tokenizer):
             ds = IndexedDataset(prefix, mmap=True)
-            lo, hi = _split_ranges(len(ds), cfg.data.split)[which]
+            lo, hi = split_ranges(len(ds), cfg.data.split)[which]
             lengths = ds.sequence_lengths
             for i in range(lo, hi):
                 if int(lengths[i]) >= min_tokens:

@@ -82,8 +82,10 @@ def _pretrain_data(run: Run, plan, consumed_train: int):
 
 def _chat_data(run: Run, plan, log_text: Callable[[str], None]):
     from megaglm.data.sft import build_sft_data
+    from megaglm.data.sft_demo import chat_blend
 
-    sft = build_sft_data(plan.config, run.tokenizer, run.dp_rank, run.dp_size, log=log_text)
+    sft = build_sft_data(plan.config, run.tokenizer, run.dp_rank, run.dp_size, log=log_text,
+                         demo_prefixes=chat_blend(plan.config.data, run.tokenizer))
     return sft.train, sft.valid, sft.make_iterator
 
 

@@ -22,6 +22,7 @@ from megaglm.app.errors import UserError, report_error
 from megaglm.app.preflight import preflight
 from megaglm.config import register_configs
 from megaglm.data import preprocess as pp
+from megaglm.data.inputs import BATCH_DOCS
 from megaglm.training.checkpointing import TRACKER_FILE, latest_iteration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +87,7 @@ def test_preprocess_bad_inputs_leave_existing_dataset_byte_for_byte(tmp_path, ca
     before = {s: sha(Path(str(prefix) + s)) for s in (".bin", ".idx")}
 
     # the bad line comes after more than one batch of good documents: temporary files were written
-    n_good = pp._BATCH_DOCS + 5
+    n_good = BATCH_DOCS + 5
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(n_good))
                    + '{"text": "unterminated}\n')

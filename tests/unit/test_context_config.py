@@ -104,5 +104,9 @@ def test_passkey_sequence_layout():
 
 
 def test_split_ranges_as_megatron_cuts_them():
-    assert lc._split_ranges(10, "80,20,0") == [(0, 8), (8, 10), (0, 0)]
-    assert lc._split_ranges(554, "969,30,1") == [(0, 537), (537, 553), (553, 554)]
+    from megaglm.data.splits import split_ranges
+
+    assert split_ranges(10, "80,20,0") == [(0, 8), (8, 10), (0, 0)]
+    assert split_ranges(554, "969,30,1") == [(0, 537), (537, 553), (553, 554)]
+    with pytest.raises(ValueError, match="data.split='1,-1'"):
+        split_ranges(10, "1,-1")

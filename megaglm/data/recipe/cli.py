@@ -230,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``megaglm-data``; returns the exit status (0 / 1 / 2, see the module docstring)."""
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megaglm.data.preprocess import PreprocessError
+    from megaglm.data.inputs import PreprocessError
     from megaglm.data.recipe.documents import RecipeError
     from megaglm.data.recipe.executors import StageFailed
     from megaglm.data.recipe.summary import print_summary, write_summary

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from megaglm.data.preprocess import JSONL_SUFFIXES, TEXT_SUFFIXES, _iter_jsonl, _read_text_file, _Skips
+from megaglm.data.inputs import JSONL_SUFFIXES, TEXT_SUFFIXES, Skips, iter_jsonl, read_text_file
 
 __all__ = [
     "PARQUET_SUFFIXES",
@@ -167,7 +167,7 @@ def shards_for_rank(shards: Sequence[Shard], rank: int, world_size: int) -> list
     return out
 
 
-def _iter_parquet(path: str, text_key: str, skips: _Skips) -> Iterator[tuple[str, str, dict]]:
+def _iter_parquet(path: str, text_key: str, skips: Skips) -> Iterator[tuple[str, str, dict]]:
     import pyarrow.parquet as pq
 
     try:
@@ -194,7 +194,7 @@ def _iter_parquet(path: str, text_key: str, skips: _Skips) -> Iterator[tuple[str
 
 
 def iter_shard(
-    shard: Shard, text_key: str, skips: _Skips, progress: Any = None
+    shard: Shard, text_key: str, skips: Skips, progress: Any = None
 ) -> Iterator[tuple[str, str, dict]]:
     """``(where, text, fields)`` for each good document of a shard (``where`` = ``"file:line"``;
     ``fields`` = the record's keys, including ``text_key``). Bad lines go to ``skips``."""
@@ -204,12 +204,12 @@ def iter_shard(
         return
     kind = _kind(path)
     if kind == "jsonl":
-        yield from _iter_jsonl(path, text_key, True, skips, progress, start=shard.start, end=shard.end,
+        yield from iter_jsonl(path, text_key, True, skips, progress, start=shard.start, end=shard.end,
                                first_line=shard.first_line, skip_bad_utf8=True, with_fields=True)
     elif kind == "parquet":
         yield from _iter_parquet(str(path), text_key, skips)
     else:
-        yield from _read_text_file(path, skips, progress, skip_bad_utf8=True, with_fields=True)
+        yield from read_text_file(path, skips, progress, skip_bad_utf8=True, with_fields=True)
 
 
 class DocumentReader(PipelineStep):
@@ -245,7 +245,7 @@ class DocumentReader(PipelineStep):
         if sink_file is not None:
             sink = lambda reason, where, detail: sink_file.write(  # noqa: E731
                 {"where": where, "reason": reason, "detail": detail})
-        skips = _Skips(sink)
+        skips = Skips(sink)
         bar = None
         if self.progress:
             from tqdm import tqdm

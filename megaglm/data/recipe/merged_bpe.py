@@ -52,11 +52,11 @@ def byte_level_alphabet() -> dict[str, int]:
 
 def read_texts(inputs: Sequence[str], text_key: str = "text") -> Iterator[str]:
     """The document texts of JSONL / Parquet / text inputs (bad lines skipped)."""
-    from megaglm.data.preprocess import _Skips
+    from megaglm.data.inputs import Skips
     from megaglm.data.recipe.documents import Shard, iter_shard, list_input_files
 
     for f in list_input_files(inputs):
-        for _, text, _ in iter_shard(Shard(f, 0, None, 1, 0), text_key, _Skips()):
+        for _, text, _ in iter_shard(Shard(f, 0, None, 1, 0), text_key, Skips()):
             yield text
 
 

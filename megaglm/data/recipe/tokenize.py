@@ -28,15 +28,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megaglm.data.preprocess import (
-    _BATCH_CHARS,
-    _BATCH_DOCS,
+from megaglm.data.inputs import (
+    BATCH_CHARS,
+    BATCH_DOCS,
     PreprocessError,
     PreprocessSummary,
-    _is_jsonl,
-    _iter_jsonl,
-    _read_text_file,
-    _Skips,
+    Skips,
+    is_jsonl,
+    iter_jsonl,
+    read_text_file,
 )
 
 __all__ = ["TokenizerSpec", "tokenize_documents", "iter_file_texts", "tokenize_source", "tokenize_sources"]
@@ -64,13 +64,13 @@ class TokenizerSpec:
 _TOKENIZERS: dict[tuple, Any] = {}
 
 
-def iter_file_texts(path: Path, json_key: str, skips: _Skips, progress: Any, *, skip_bad_lines: bool,
+def iter_file_texts(path: Path, json_key: str, skips: Skips, progress: Any, *, skip_bad_lines: bool,
                     skip_bad_utf8: bool, start: int = 0, end: Optional[int] = None,
                     first_line: int = 1) -> Iterator[str]:
     """The document texts of a file (JSONL lines, Parquet rows, or a whole text file), bad input
-    handled as in :func:`megaglm.data.preprocess._iter_jsonl` (raise, or count in ``skips``)."""
-    if _is_jsonl(path):
-        yield from _iter_jsonl(path, json_key, skip_bad_lines, skips, progress, start=start, end=end,
+    handled as in :func:`megaglm.data.preprocess.iter_jsonl` (raise, or count in ``skips``)."""
+    if is_jsonl(path):
+        yield from iter_jsonl(path, json_key, skip_bad_lines, skips, progress, start=start, end=end,
                                first_line=first_line, skip_bad_utf8=skip_bad_utf8)
     elif str(path).lower().endswith(".parquet"):
         from megaglm.data.recipe.documents import _iter_parquet
@@ -80,7 +80,7 @@ def iter_file_texts(path: Path, json_key: str, skips: _Skips, progress: Any, *, 
         if progress is not None:
             progress.update(os.path.getsize(path))
     else:
-        yield from _read_text_file(path, skips, progress, skip_bad_utf8=skip_bad_utf8)
+        yield from read_text_file(path, skips, progress, skip_bad_utf8=skip_bad_utf8)
 
 
 def tokenize_documents(texts: Iterator[str], builder: Any, tokenizer: Any, threads: int,
@@ -112,7 +112,7 @@ def tokenize_documents(texts: Iterator[str], builder: Any, tokenizer: Any, threa
         batch.append(text)
         chars += len(text)
         text_bytes += len(text.encode("utf-8", "surrogatepass"))
-        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             flush(batch)
             chars = 0
     flush(batch)
@@ -137,7 +137,7 @@ def _tokenize_shard(shard: Any, prefix: str, spec: TokenizerSpec, json_key: str,
     tokenizer = spec.build()
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     summary = PreprocessSummary(output_prefix=prefix, dtype=np.dtype(dtype).name)
-    skips = _Skips()
+    skips = Skips()
     tmp = f"{prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     try:
