@@ -25,13 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from megaglm.parallel.init import find_free_port
-from tests.distributed.harness import REPO, common_overrides, launch, plain_tensors, train_losses
+from tests.distributed.harness import REPO, common_overrides, launch, train_losses
+from tests.distributed.ray_harness import assert_same_weights, ray_overrides, submit, wait_job
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.distributed
 
-RAY_BIN = Path(sys.executable).parent / "ray"
 LAYOUT = {"parallel.tensor_model_parallel_size": 2, "parallel.pipeline_model_parallel_size": 2,
           "train.global_batch_size": 4, "train.train_iters": 4}
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -84,77 +83,6 @@ def hang_forever(rank: int, world_size: int, attempt: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # the cluster and helpers
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """``ray start --head --block`` on 127.0.0.1 with 4 logical CPUs, its own ports and temp dir; stopped
-    at the end by signalling that process (which stops what it started), not ``ray stop``, which
-    would stop every Ray cluster of this user on the machine."""
-    pytest.importorskip("ray")
-    from ray.job_submission import JobSubmissionClient
-
-    temp = tempfile.mkdtemp(prefix="mgray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash, client_port, agent = (find_free_port() for _ in range(4))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the node address on loopback
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "ray_start.log", "w")
-    cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
-           "--num-cpus=4", "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats",
-           f"--temp-dir={temp}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    client, deadline = None, time.monotonic() + 120
-    while client is None:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("ray start failed:\n" + (Path(temp) / "ray_start.log").read_text()[-3000:])
-        try:
-            client = JobSubmissionClient(address)
-            client.list_jobs()
-        except Exception:  # noqa: BLE001 - not up yet
-            client = None
-            time.sleep(1)
-    yield {"address": address, "client": client, "env": env}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group of the process this fixture started
-        proc.wait()
-    log.close()
-    subprocess.run(["rm", "-rf", temp], check=False)
-
-
-def ray_overrides(**launcher) -> list[str]:
-    base = {"launcher.num_workers": 4, "launcher.workdir": str(REPO), "launcher.restart_backoff_s": 0.5,
-            "launcher.hang_timeout_s": 600, "launcher.placement_timeout_s": 60}
-    base.update({f"launcher.{k}": v for k, v in launcher.items()})
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def submit(cluster, overrides: list[str]) -> str:
-    from megaglm.launch.ray_cli import build_entrypoint
-
-    return cluster["client"].submit_job(entrypoint=build_entrypoint(overrides, python=sys.executable))
-
-
-def wait_job(cluster, job_id: str, timeout: float = 900) -> tuple[str, str]:
-    client, deadline = cluster["client"], time.monotonic() + timeout
-    while True:
-        status = str(client.get_job_status(job_id).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status, client.get_job_logs(job_id)
-        if time.monotonic() > deadline:
-            client.stop_job(job_id)
-            pytest.fail(f"job {job_id} still {status} after {timeout} s:\n"
-                        + client.get_job_logs(job_id)[-5000:])
-        time.sleep(1)
 
 
 def _cli_cmd(cluster, *args) -> list[str]:
@@ -210,15 +138,6 @@ class PointerWatch(threading.Thread):
                                         and (target / ".metadata").is_file()):
                 self.bad.append((it, sorted(p.name for p in target.iterdir())))
             time.sleep(0.05)
-
-
-def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
-    import torch
-
-    a, b = plain_tensors(a_dir), plain_tensors(b_dir)
-    assert set(a) == set(b) and len(a) > 10
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def restarts_logged(metrics: Path) -> list[tuple[int, int]]:

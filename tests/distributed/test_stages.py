@@ -166,3 +166,66 @@ def test_refuses_unfinished_previous_stage_then_cp1_matches_cp2(chain, long_data
     lineage = json.loads((next((out / "tiny_4k" / "checkpoints").glob("iter_*")) / "megaglm_meta.json")
                          .read_text())["lineage"]
     assert [e["stage"] for e in lineage] == CHAIN and lineage[-1]["context_parallel_size"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# the same chain as a Ray job (the run path every entry point shares), with a worker killed in stage 2
+# --------------------------------------------------------------------------------------------------
+
+
+def kill_rank1_after_tiny_1k_checkpoint_1(rank: int, world_size: int, attempt: int) -> None:
+    """``launcher.worker_setup_hook``: on the first attempt, rank 1 SIGKILLs itself right after the
+    chain's second stage (tiny_1k) published its iteration-1 checkpoint."""
+    if attempt != 0 or rank != 1:
+        return
+    import os
+    import signal
+
+    from megaglm.training import loop
+
+    original = loop.save_checkpoint
+
+    def save_then_die(save_dir, iteration, *args, **kwargs):
+        out = original(save_dir, iteration, *args, **kwargs)
+        if "tiny_1k" in str(save_dir) and iteration == 1:
+            print(f"fault injection: rank 1 (pid {os.getpid()}) SIGKILLs itself after {out}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    loop.save_checkpoint = save_then_die
+
+
+def test_ray_job_runs_the_chain_and_resumes_the_interrupted_stage(chain, long_dataset, ray_cluster, tmp_path):
+    """A Ray job given ``stage=tiny_4k`` runs every stage, each in its own directory with lineage, and
+    ends with the weights of the same chain run by ``megaglm-launch`` (bitwise) although rank 1 was
+    killed during stage 2: the restart skips the finished stage 1 and resumes stage 2 from its own
+    checkpoint."""
+    from tests.distributed.ray_harness import assert_same_weights, ray_overrides, submit, wait_job
+
+    src, _ = chain
+    out = tmp_path / "ray_chain"
+    hook = "tests.distributed.test_stages:kill_rank1_after_tiny_1k_checkpoint_1"
+    job = submit(ray_cluster, [*ray_overrides(num_workers=2, worker_setup_hook=hook, hang_timeout_s=300),
+                               "stage=tiny_4k", *overrides(long_dataset, out),
+                               "stage.overrides=[" + ",".join(
+                                   [f"'{s}:{k}={v}'" for s, kv in SHRINK.items() for k, v in kv.items()]
+                                   + ["'tiny_1k:checkpoint.save_interval=1'"]) + "]"])
+    status, logs = wait_job(ray_cluster, job, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "fault injection: rank 1" in logs
+    assert "resuming from the latest complete checkpoint (iteration 1 of stage tiny_1k)" in logs, logs[-4000:]
+    assert "stage tiny_256: already finished" in logs  # the restart did not redo stage 1
+    assert "loaded " in logs and "tiny_1k/checkpoints/iter_0000001: iteration 1" in logs
+    summary = json.loads((out / "schedule.json").read_text())
+    assert [s["stage"] for s in summary] == CHAIN
+    for k, s in enumerate(summary):
+        assert Path(s["checkpoint"]).parent == out / s["stage"] / "checkpoints"
+        lineage = json.loads((Path(s["checkpoint"]) / "megaglm_meta.json").read_text())["lineage"]
+        assert [e["stage"] for e in lineage] == CHAIN[:k + 1]
+    # final weights of every stage equal the megaglm-launch chain's, bit for bit
+    for name in CHAIN:
+        final = Path("checkpoints") / "iter_0000002"
+        assert_same_weights(src / name / final, out / name / final)
+    ref = train_losses(src / "tiny_1k" / "metrics.jsonl")
+    got = train_losses(out / "tiny_1k" / "metrics.jsonl")
+    assert got == ref and sorted(got) == [1, 2]  # the killed attempt's records were not duplicated
