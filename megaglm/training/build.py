@@ -105,7 +105,8 @@ def build_run(plan: RunPlan, with_optimizer: bool = True, perform_initialization
     if not perform_initialization:
         fields["perform_initialization"] = False
     chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab, train_cfg=cfg.train,
-                                device_type=plan.device_type, config_fields=fields)
+                                device_type=plan.device_type, config_fields=fields,
+                                real_vocab_size=tokenizer.vocab_size)  # padded ids never get weight
     from megatron.core.utils import get_model_config
 
     tconfig = get_model_config(chunks[0])

@@ -200,6 +200,22 @@ class GLMCoreAttention(MegatronModule):
         full = _AllGatherFirstDim.apply(kv, group).index_select(0, index)  # [sum(lengths), 2, ...]
         return full[:, 0], full[:, 1]
 
+    def _cached_decode(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """Generation with megatron-core's KV cache (static inference context): ``query`` ``[sq, b, n, d]``
+        holds the last ``sq`` positions of the ``sk`` in ``key`` / ``value`` ``[sk, b, g, d]`` (megatron
+        passes ``no_mask`` after the prompt step); causal = the lower-right aligned mask.
+
+        Raises:
+            ValueError: under context parallelism (generation runs without CP).
+        """
+        group = self._cp_group()
+        if group is not None and group.size() > 1:
+            raise ValueError("KV-cache generation does not run under context parallelism; generate with "
+                             "parallel.context_parallel_size=1")
+        out = self._sdpa(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+                         "bottom_right").permute(2, 0, 1, 3)
+        return out.reshape(out.shape[0], out.shape[1], self.hidden_per_partition)
+
     # ------------------------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
@@ -228,6 +244,8 @@ class GLMCoreAttention(MegatronModule):
                              "with attention_mask=None")
         if attention_bias is not None:
             raise ValueError("GLMCoreAttention does not support attention_bias")
+        if attn_mask_type == AttnMaskType.no_mask and packed_seq_params is None and key.shape[0] > query.shape[0]:
+            return self._cached_decode(query, key, value)
         if attn_mask_type is not None and attn_mask_type not in (AttnMaskType.causal,
                                                                  AttnMaskType.padding_causal):
             raise ValueError(f"GLMCoreAttention is causal only, got attn_mask_type={attn_mask_type}")

@@ -27,6 +27,7 @@ from megaglm.models.glm.spec import (
     select_backend,
     transformer_engine_available,
 )
+from megaglm.models.glm.vocab import mask_padded_vocab
 
 __all__ = [
     "DTYPES",
@@ -432,6 +433,7 @@ def build_model(
     vp_stage: Optional[int] = None,
     core_attention: Optional[type] = None,
     config=None,
+    real_vocab_size: Optional[int] = None,
 ):
     """One pipeline stage (or one virtual-pipeline chunk) of the GLM model as a megatron ``GPTModel``.
 
@@ -446,6 +448,9 @@ def build_model(
         core_attention: core-attention class; None = the one ``model.attention_backend`` selects
             (:func:`megaglm.models.glm.spec.core_attention_class`).
         config: a prebuilt ``TransformerConfig`` (else :func:`transformer_config` builds it).
+        real_vocab_size: the tokenizer's vocabulary; output columns ``>= real_vocab_size`` (padding) get the
+            most negative logit on every path (:func:`megaglm.models.glm.vocab.mask_padded_vocab`).
+            None: no masking.
 
     Returns:
         ``GPTModel`` with ``position_embedding_type="rope"``, ``rotary_percent`` / ``rotary_base`` from
@@ -503,6 +508,7 @@ def build_model(
         **_rope_args(model_cfg),
     )
     install_rope(model, model_cfg)  # YaRN's table (the other scalings went in through _rope_args)
+    mask_padded_vocab(model, real_vocab_size)
     return model
 
 
@@ -515,6 +521,7 @@ def build_model_chunks(
     device_type: str = "cpu",
     core_attention: Optional[type] = None,
     config_fields: Optional[dict] = None,
+    real_vocab_size: Optional[int] = None,
 ) -> list:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (a single one without VPP).
 
@@ -542,6 +549,7 @@ def build_model_chunks(
             vp_stage=stage,
             core_attention=core_attention,
             config=config,
+            real_vocab_size=real_vocab_size,
         )
         for stage in stages
     ]
