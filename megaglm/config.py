@@ -57,6 +57,18 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # First-generation GLM (GLM-130B, ChatGLM-6B; issue 12). GLM-4 / ChatGLM2-3 keep the defaults.
+    # rope: 1D RoPE (positions 0..s-1, or the GLM objective's 1D positions) | rope_2d: GLM's 2D RoPE, the
+    # first half of the rotary dims driven by the position in the corrupted text, the second half by the
+    # position inside the span (needs rotary_interleaved=true).
+    position_embedding_type: str = "rope"
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm (first generation: LayerNorm with bias)
+    # pre: x + f(norm(x)) (GLM-4) | post: ChatGLM-6B / GLM-130B post-LN, h = norm(x); alpha * h + f(h)
+    norm_placement: str = "pre"
+    # post only: DeepNorm (GLM-130B paper sec. 2.3): alpha = (2N)^(1/2) on the residual, Xavier-normal init
+    # scaled by beta = (2N)^(-1/2) on the FFN, value and output projections (N = num_layers); false: alpha=1
+    deepnorm: bool = False
+    activation: str = "swiglu"  # swiglu (GLM-4) | geglu (GLM-130B) | gelu (ChatGLM-6B, not gated)
 
 
 @dataclass
@@ -92,6 +104,28 @@ class TokenizerConfig:
 
 
 @dataclass
+class GLMObjectiveConfig:
+    """The GLM objective's corruption (``data.objective=glm``; :mod:`megaglm.data.glm_objective`).
+
+    Each sample picks a mode with the probabilities below (GLM-130B: 30% ``[MASK]``, 70% ``[gMASK]``;
+    Zeng et al. 2023, sec. 2.1): ``[MASK]`` spans with Poisson(``poisson_lambda``) lengths covering
+    ``mask_ratio`` of the text (Du et al. 2022, sec. 2.1: lambda 3, 15%); ``[sMASK]`` whole sentences
+    covering ``smask_ratio``; ``[gMASK]`` one suffix span of ``gmask_min_ratio``..``gmask_max_ratio`` of
+    the text (Du et al. 2022, sec. 2.3: 50%-100%).
+    """
+
+    mask_prob: float = 0.3
+    smask_prob: float = 0.0
+    gmask_prob: float = 0.7
+    mask_ratio: float = 0.15
+    poisson_lambda: float = 3.0
+    smask_ratio: float = 0.15
+    gmask_min_ratio: float = 0.5
+    gmask_max_ratio: float = 1.0
+    shuffle_spans: bool = True
+
+
+@dataclass
 class DataConfig:
     """Training data: megatron indexed datasets (``<prefix>.bin`` / ``<prefix>.idx``), for pretraining
     (``format: pretrain``) or chat SFT (``format: chat``, LongAlign packing / sorted batching).
@@ -121,6 +155,9 @@ class DataConfig:
     # context_parallel_size (1 without CP). Set it to the largest 2 x CP you will run so that the packs,
     # and so the global batches, stay the same when CP changes.
     pack_align: int = 0
+    # Pretraining objective: causal (next token) | glm (autoregressive blank infilling, Du et al. 2022)
+    objective: str = "causal"
+    glm: GLMObjectiveConfig = field(default_factory=GLMObjectiveConfig)
 
 
 @dataclass

@@ -46,9 +46,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 from torch import Tensor
 
-from megaglm.parallel.zigzag import chunk_length, gather_index, visible_keys
+from megaglm.parallel.zigzag import chunk_length, gather_index, visible_keys, zigzag_positions
 
-__all__ = ["GLMCoreAttention"]
+__all__ = ["GLMCoreAttention", "prefix_mask"]
 
 _CACHE_ATTR = "_megaglm_attention_cache"
 _INDEX_CACHE: dict = {}  # (lengths, cp, device) -> gather index; bounded below
@@ -89,6 +89,25 @@ class _AllGatherFirstDim(torch.autograd.Function):
         total = grad.clone()
         dist.all_reduce(total, group=group)
         return total.chunk(world, dim=0)[rank].contiguous(), None
+
+
+def prefix_mask(query_positions: Tensor, num_keys: int, prefix: Tensor) -> Tensor:
+    """GLM's attention mask (Du et al. 2022, sec. 2.1): part A (the first ``prefix`` tokens of a row)
+    attends bidirectionally within itself, every later token to part A and causally to part B.
+
+    Args:
+        query_positions: int64 ``[Lq]``, the queries' positions in the (global, pre-CP) sequence.
+        num_keys: keys ``0 .. num_keys - 1``.
+        prefix: int64 ``[B]``, part A's length per row (0 = plain causal).
+
+    Returns:
+        bool ``[B, 1, Lq, num_keys]``, True where query ``i`` may attend key ``j``:
+        ``j < prefix[b] or j <= i``.
+    """
+    keys = torch.arange(int(num_keys), device=query_positions.device)
+    causal = keys.view(1, 1, 1, -1) <= query_positions.view(1, 1, -1, 1)
+    in_prefix = keys.view(1, 1, 1, -1) < prefix.view(-1, 1, 1, 1).to(query_positions.device)
+    return causal | in_prefix
 
 
 class GLMCoreAttention(MegatronModule):
@@ -142,14 +161,18 @@ class GLMCoreAttention(MegatronModule):
             group = parallel_state.get_context_parallel_group(check_initialized=False)
         return group
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: str) -> Tensor:
-        """q ``[B, n, Lq, d]``, k/v ``[B, g, Lk, d]``; ``causal``: "top_left" (Lq == Lk) or "bottom_right"."""
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: str, mask: Optional[Tensor] = None) -> Tensor:
+        """q ``[B, n, Lq, d]``, k/v ``[B, g, Lk, d]``; ``causal``: "top_left" (Lq == Lk) or "bottom_right";
+        ``mask``: bool ``[B, 1, Lq, Lk]`` (True = may attend) replacing the causal mask when given."""
         dropout = self.dropout_p if self.training else 0.0
         out_dtype = q.dtype
         if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
         gqa = self.heads != self.groups
-        if causal == "top_left" or q.shape[-2] == k.shape[-2]:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+        elif causal == "top_left" or q.shape[-2] == k.shape[-2]:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                  scale=self.softmax_scale, enable_gqa=gqa)
         else:
@@ -161,11 +184,12 @@ class GLMCoreAttention(MegatronModule):
         return out.to(out_dtype)
 
     def _attend_sequences(self, q: Tensor, k_full: Tensor, v_full: Tensor, lengths: list[int],
-                          cp_size: int, cp_rank: int) -> Tensor:
+                          cp_size: int, cp_rank: int, prefix: Optional[Tensor] = None) -> Tensor:
         """Attention for sequences laid out along dim 0.
 
         q: ``[t_local, B, n, d]`` (this rank's pieces of every sequence, in order); k_full / v_full:
-        ``[sum(lengths), B, g, d]`` in natural order. Returns ``[t_local, B, n, d]``.
+        ``[sum(lengths), B, g, d]`` in natural order; ``prefix``: int64 ``[B]`` bidirectional prefix
+        lengths (one sequence per row), or None (causal). Returns ``[t_local, B, n, d]``.
         """
         outs = []
         q_off = 0
@@ -174,14 +198,21 @@ class GLMCoreAttention(MegatronModule):
             kd, vd = k_full[k_off:k_off + p], v_full[k_off:k_off + p]
             visible = visible_keys(p, cp_size, cp_rank)  # keys each local query chunk may see
             chunk = chunk_length(p, cp_size)
-            pieces = [(q[q_off + i * chunk:q_off + (i + 1) * chunk], kv_len) for i, kv_len in enumerate(visible)]
+            positions = zigzag_positions(p, cp_size, cp_rank)
+            pieces = [(q[q_off + i * chunk:q_off + (i + 1) * chunk], kv_len, positions[i * chunk:(i + 1) * chunk])
+                      for i, kv_len in enumerate(visible)]
             q_off += chunk * len(visible)
-            for qc, kv_len in pieces:
+            for qc, kv_len, qpos in pieces:
+                mask = None
+                if prefix is not None:
+                    # GLM: key j is visible to query i iff j < prefix (part A) or j <= i (causal part B)
+                    kv_len = max(kv_len, min(int(prefix.max()), p))
+                    mask = prefix_mask(qpos.to(prefix.device), kv_len, prefix)
                 # [L, B, n, d] -> [B, n, L, d]
                 qq = qc.permute(1, 2, 0, 3)
                 kk = kd[:kv_len].permute(1, 2, 0, 3)
                 vv = vd[:kv_len].permute(1, 2, 0, 3)
-                o = self._sdpa(qq, kk, vv, "top_left" if kv_len == qc.shape[0] else "bottom_right")
+                o = self._sdpa(qq, kk, vv, "top_left" if kv_len == qc.shape[0] else "bottom_right", mask)
                 outs.append(o.permute(2, 0, 1, 3))
             k_off += p
         return torch.cat(outs, dim=0)
@@ -226,7 +257,9 @@ class GLMCoreAttention(MegatronModule):
             query: ``[sq, b, heads/TP, d]`` (``sbhd``), or ``[t, heads/TP, d]`` when packed (``thd``).
             key / value: ``[sk, b, groups/TP, d]`` or ``[t, groups/TP, d]``; with CP they hold the same
                 local chunks as ``query``.
-            attention_mask: must be None (the masks are built here from positions and ``cu_seqlens``).
+            attention_mask: None (causal), or int64 ``[b]``: GLM's bidirectional prefix length of each row
+                (:func:`prefix_mask`; the GLM objective's part A). Not with packed sequences. Under CP the
+                queries' global positions come from the zigzag layout, so the prefix is exact there too.
             attn_mask_type: causal (or None = this module's).
             attention_bias: must be None.
             packed_seq_params: ``qkv_format="thd"`` with ``cu_seqlens_q`` (and, under CP or with padded
@@ -239,9 +272,16 @@ class GLMCoreAttention(MegatronModule):
             ValueError: an explicit attention mask or bias; a non-causal mask type; packed boundaries that
                 do not match the local token count.
         """
+        prefix = None
         if attention_mask is not None:
-            raise ValueError("GLMCoreAttention builds its causal / document masks itself; call the model "
-                             "with attention_mask=None")
+            if attention_mask.dtype not in (torch.int64, torch.int32) or attention_mask.dim() != 1:
+                raise ValueError("GLMCoreAttention builds its causal / document masks itself: attention_mask must "
+                                 "be None or int64 [b] prefix lengths (GLM objective), got "
+                                 f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+            if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+                raise ValueError("GLMCoreAttention: prefix lengths (GLM objective) with packed sequences are not "
+                                 "supported; the GLM objective's rows are not packed")
+            prefix = attention_mask.long()
         if attention_bias is not None:
             raise ValueError("GLMCoreAttention does not support attention_bias")
         if attn_mask_type == AttnMaskType.no_mask and packed_seq_params is None and key.shape[0] > query.shape[0]:
@@ -285,7 +325,7 @@ class GLMCoreAttention(MegatronModule):
             k_full, v_full = k, v
 
         def run():
-            return self._attend_sequences(q, k_full, v_full, lengths, cp_size, cp_rank)
+            return self._attend_sequences(q, k_full, v_full, lengths, cp_size, cp_rank, prefix)
 
         if self.dropout_p > 0 and self.training and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():

@@ -18,6 +18,7 @@ from typing import Optional
 import torch.nn.functional as F
 
 from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from megaglm.models.glm.first_gen import apply_deepnorm_init, architecture_fields, config_attributes
 from megaglm.models.glm.precision import DTYPES, mixed_precision_fields
 from megaglm.models.glm.rope import config_rope_attributes, gptmodel_rope_kwargs, install_rope, rope_settings
 from megaglm.models.glm.spec import (
@@ -350,6 +351,7 @@ def transformer_config_fields(
     kwargs.update(_perf_fields(parallel_cfg, train_cfg, device_type, backend))
     kwargs.update(_recompute_fields(train_cfg))
     kwargs.update(_context_fields(model_cfg, parallel_cfg, backend))
+    kwargs.update(architecture_fields(model_cfg))  # first-generation GLM: norm, activation (first_gen.py)
     return kwargs
 
 
@@ -373,6 +375,8 @@ def transformer_config(
         fields = transformer_config_fields(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type)
     config = TransformerConfig(**fields)
     for name, value in config_rope_attributes(model_cfg).items():  # YaRN temperature (rope.py)
+        setattr(config, name, value)
+    for name, value in config_attributes(model_cfg).items():  # norm placement, alpha, 2D RoPE (first_gen.py)
         setattr(config, name, value)
     return config
 
@@ -463,8 +467,9 @@ def build_model(
         ValueError: ``vp_stage`` out of range, or vocabulary not divisible by TP.
         ValueError: bad ``model.rope_scaling`` settings (see :mod:`megaglm.models.glm.rope`).
     """
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
+
+    from megaglm.models.glm.model import GLMModel
 
     if config is None:
         config = transformer_config(model_cfg, parallel_cfg, precision_cfg, train_cfg, device_type)
@@ -493,7 +498,7 @@ def build_model(
     if core_attention is None:
         core_attention = core_attention_class(getattr(model_cfg, "attention_backend", "auto"), use_te)
     block_spec = glm_block_spec(config, use_te, vp_stage=vp_stage, pp_rank=pp_rank, core_attention=core_attention)
-    model = GPTModel(
+    model = GLMModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=int(vocab_size),
@@ -508,6 +513,8 @@ def build_model(
         **_rope_args(model_cfg),
     )
     install_rope(model, model_cfg)  # YaRN's table (the other scalings went in through _rope_args)
+    if getattr(config, "glm_deepnorm", False) and config.perform_initialization:
+        apply_deepnorm_init(model, config)  # GLM-130B sec. 2.3 (first_gen.py)
     mask_padded_vocab(model, real_vocab_size)
     return model
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "LayerNorm"]
 
 
 class RMSNorm(torch.nn.Module):
@@ -88,6 +88,56 @@ class RMSNorm(torch.nn.Module):
         x32 = x.float()
         inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (x32 * inv_rms * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm with a gain and a bias for the first-generation GLM layer spec (GLM-130B, ChatGLM-6B).
+
+    ``y = (x - mean(x)) / sqrt(var(x) + eps) * g + b`` over the last dimension (Ba et al. 2016; biased
+    variance, as ``torch.nn.functional.layer_norm``), statistics in fp32, result in ``x``'s dtype. Same
+    constructor and sequence-parallel tagging as :class:`RMSNorm` (both the gain and the bias are marked
+    ``sequence_parallel`` so megatron sums their gradients over the TP group under SP).
+
+    Shapes: ``x`` is ``[..., hidden_size]`` (``[s, b, h]`` or ``[s/tp, b, h]``); the result has ``x``'s
+    shape and dtype.
+
+    Raises:
+        ValueError: zero-centered gamma, or a non-positive ``hidden_size``.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "LayerNorm") -> None:
+        super().__init__()
+        if zero_centered_gamma or getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("megaglm LayerNorm does not support layernorm_zero_centered_gamma")
+        if int(hidden_size) <= 0:
+            raise ValueError(f"LayerNorm hidden_size must be positive, got {hidden_size}")
+        self.config = config
+        self.hidden_size = int(hidden_size)
+        self.eps = float(eps)
+        dtype = getattr(config, "params_dtype", torch.float32)
+        device = None if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.empty(self.hidden_size, dtype=dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.empty(self.hidden_size, dtype=dtype, device=device))
+        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        self.weight.sequence_parallel = self.sequence_parallel
+        self.bias.sequence_parallel = self.sequence_parallel
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Gain ones, bias zeros."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` over its last dimension (fp32 statistics)."""
+        y = torch.nn.functional.layer_norm(x.float(), (self.hidden_size,), self.weight.float(), self.bias.float(),
+                                           self.eps)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"

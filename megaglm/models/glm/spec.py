@@ -44,7 +44,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megaglm.models.glm.attention import GLMCoreAttention
-from megaglm.models.glm.norm import RMSNorm
+from megaglm.models.glm.norm import LayerNorm, RMSNorm
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -205,7 +205,8 @@ def core_attention_class(backend: str, use_te: bool) -> Optional[type]:
     return None
 
 
-def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> ModuleSpec:
+def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None, norm_placement: str = "pre",
+                   norm: str = "RMSNorm") -> ModuleSpec:
     """The ``ModuleSpec`` of one GLM decoder layer (pre-norm attention + pre-norm SwiGLU MLP).
 
     The architecture itself (RMSNorm, SwiGLU, QKV bias, GQA, RoPE) comes from the ``TransformerConfig``
@@ -216,20 +217,34 @@ def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> Modul
         core_attention: replaces the core attention module class; ``None`` keeps
             :class:`~megaglm.models.glm.attention.GLMCoreAttention` (local) / ``TEDotProductAttention``
             (TE). See :func:`core_attention_class` for ``model.attention_backend``.
+        norm_placement: ``pre`` (GLM-4) or ``post`` (first generation: the layer class is
+            :class:`megaglm.models.glm.first_gen.PostNormTransformerLayer`; always the local modules).
+        norm: ``RMSNorm`` or ``LayerNorm`` (local modules only; the TE spec's fused norms follow
+            ``config.normalization``).
 
     Raises:
         ImportError: ``use_te=True`` but Transformer Engine is not installed.
     """
-    if use_te:
+    first_gen = norm_placement == "post" or norm != "RMSNorm"
+    if use_te and not first_gen:
         spec = _te_layer_spec()
         if core_attention is not None:
             spec.submodules.self_attention.submodules.core_attention = core_attention
         return spec
+    norm_class = LayerNorm if norm == "LayerNorm" else RMSNorm
+    layer_class = TransformerLayer
+    if norm_placement == "post":
+        from megaglm.models.glm.first_gen import PostNormTransformerLayer
+
+        layer_class = PostNormTransformerLayer
+    if core_attention is None or (use_te and first_gen):
+        core_attention = core_attention if core_attention in (GLMCoreAttention, DotProductAttention) \
+            else GLMCoreAttention
 
     return ModuleSpec(
-        module=TransformerLayer,
+        module=layer_class,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm_class,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -242,7 +257,7 @@ def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> Modul
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm_class,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -253,8 +268,11 @@ def glm_layer_spec(use_te: bool, core_attention: Optional[type] = None) -> Modul
     )
 
 
-def final_norm_module(use_te: bool) -> type:
-    """The block's final norm class: ``TENorm`` for TE, our :class:`RMSNorm` otherwise."""
+def final_norm_module(use_te: bool, norm: str = "RMSNorm") -> type:
+    """The block's final norm class: ``TENorm`` for TE, our :class:`RMSNorm` otherwise (our
+    :class:`LayerNorm` for ``norm="LayerNorm"``, on every backend)."""
+    if norm == "LayerNorm":
+        return LayerNorm
     return _te_norm() if use_te else RMSNorm
 
 
@@ -278,6 +296,8 @@ def glm_block_spec(
         ``TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=<final norm class>)``; the
         final norm is only instantiated by the block on the stage that does post-processing.
     """
-    layer = glm_layer_spec(use_te, core_attention=core_attention)
+    placement = getattr(config, "glm_norm_placement", "pre")
+    norm = getattr(config, "glm_norm", "RMSNorm")
+    layer = glm_layer_spec(use_te, core_attention=core_attention, norm_placement=placement, norm=norm)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm_module(use_te))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm_module(use_te, norm))
