@@ -204,6 +204,7 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
     from megaglm.models.glm.spec import select_backend
     from megaglm.platform.device import resolve_device
     from megaglm.training.megatron_fields import megatron_fields
+    from megaglm.training.objective import check_objective
 
     extra = _extra_keys(cfg, RunConfig)
     if extra:
@@ -215,6 +216,7 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
     _check_stage_eval(cfg)
     if str(cfg.data.format) not in DATA_FORMATS:
         raise UserError(f"data.format={cfg.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
+    check_objective(cfg, fields.transformer, select_backend(device_type))  # data.objective (issue 12)
     if check_files:
         _check_data(cfg)
         if check_checkpoint:

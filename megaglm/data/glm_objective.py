@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "OBJECTIVES",
     "MODES",
     "POSITION_MODES",
     "GLMSettings",
@@ -58,8 +59,10 @@ __all__ = [
     "sentence_end_ids",
     "GLMObjectiveDataset",
     "glm_attention_mask",
+    "wrap_datasets",
 ]
 
+OBJECTIVES = ("causal", "glm")
 MODES = ("mask", "smask", "gmask")
 POSITION_MODES = ("2d", "1d")
 _SALT = 0x474C4D  # "GLM"
@@ -416,3 +419,30 @@ class GLMObjectiveDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         text = self.text(i)
         return build_sample(text, self.corruption(i, text), self.ids, self.positions)
+
+
+def wrap_datasets(data_cfg: Any, position_embedding_type: str, tokenizer, seq_length: int, seed: int,
+                  *datasets) -> list:
+    """The pretraining datasets for ``data.objective``: unchanged for ``causal``, each wrapped in a
+    :class:`GLMObjectiveDataset` for ``glm`` (None stays None).
+
+    Args:
+        data_cfg: ``data`` (reads ``objective`` and ``glm``).
+        position_embedding_type: ``model.position_embedding_type`` (``rope`` -> 1D positions, ``rope_2d`` ->
+            2D).
+        tokenizer: the run's tokenizer (special-token ids; sentence ends when ``smask_prob > 0``).
+
+    Raises:
+        ValueError: an unknown ``data.objective``, or bad ``data.glm`` settings.
+    """
+    objective = str(_get(data_cfg, "objective", "causal"))
+    if objective not in OBJECTIVES:
+        raise ValueError(f"data.objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if objective == "causal":
+        return list(datasets)
+    settings = GLMSettings.from_config(_get(data_cfg, "glm"))
+    positions = "2d" if position_embedding_type == "rope_2d" else "1d"
+    ends = sentence_end_ids(tokenizer) if settings.smask_prob > 0 else None
+    ids = GLMTokens.from_tokenizer(tokenizer)
+    return [None if ds is None else GLMObjectiveDataset(ds, ids, settings, seq_length, seed, positions, ends)
+            for ds in datasets]

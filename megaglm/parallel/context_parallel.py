@@ -26,6 +26,16 @@ The micro-batch contract (shared with the SFT packer, :mod:`megaglm.data`): a di
   segment; this is checked on every segment that carries loss (the model itself derives RoPE positions
   from ``cu_seqlens``, so a disagreement would silently train on other positions than the data meant).
 
+* ``block_position_ids`` (optional, GLM objective, :mod:`megaglm.data.glm_objective`): int64 ``[b, s]``,
+  the second dimension of GLM's 2D positions (0 in part A, ``1 .. k+1`` over a span's ``<sop> x_1 .. x_k``).
+  Its presence makes ``position_ids`` *explicit* (GLM's first dimension, not ``0 .. s-1``): both are cut
+  with the tokens and reach the model as ``[b, 2, s]`` (:func:`model_inputs`; the model's RoPE reads them,
+  :mod:`megaglm.models.glm.model`). Not with ``cu_seqlens``.
+* ``prefix_length`` (optional, GLM objective): int64 ``[b]``, each row's part A length: tokens
+  ``[0, p)`` attend to each other bidirectionally, a later token ``i`` to ``[0, p)`` and causally to
+  ``[p, i]``. It is not cut under CP (the core attention knows each query's global zigzag position) and
+  reaches the core attention as the model's ``attention_mask`` argument. Not with ``cu_seqlens``.
+
 Packed micro-batches are flattened to one row of ``b x s`` tokens and run in megatron's ``thd`` format
 (``PackedSeqParams``). Each segment is padded at its end to a multiple of :func:`pad_multiple` (``2 x CP``
 under CP, so it cuts into equal zigzag chunks); the padding is taken from the row's slack, so the
@@ -57,6 +67,7 @@ __all__ = [
     "plan_cp_split",
     "split_micro_batch",
     "gather_cp_output",
+    "model_inputs",
     "prepare_micro_batch",
     "MicroBatchLayout",
 ]
@@ -305,7 +316,9 @@ def split_micro_batch(batch: dict, cp_size: int = 1, cp_rank: int = 0, *, total_
         ``[b_local, s_local]``; ``loss_count`` (None, or the batch's on CP rank 0 and zeros elsewhere);
         ``packed_seq_params`` (``PackedSeqParams`` with ``qkv_format="thd"``, int32 ``cu_seqlens_q`` of
         real lengths, ``cu_seqlens_q_padded`` of padded lengths, ``max_seqlen_q`` = longest padded
-        segment, the same for kv; or None unpacked); ``plan`` (:class:`CPSplitPlan`).
+        segment, the same for kv; or None unpacked); ``plan`` (:class:`CPSplitPlan`);
+        ``block_position_ids`` (this rank's, with explicit GLM positions, else None; ``position_ids`` are
+        then the batch's own, cut the same way) and ``prefix_length`` (``[b]``, or None).
 
     Raises:
         KeyError: a required key is missing. ValueError: shapes disagree, bad ``cu_seqlens``, documents
@@ -334,7 +347,16 @@ def split_micro_batch(batch: dict, cp_size: int = 1, cp_rank: int = 0, *, total_
                          "(the sequence multiple of this layout: 2 x CP, CP x TP with sequence parallelism, "
                          "the FP8 alignment)")
     plan = plan_cp_split(b, s, cp_size, cp_rank, cu, segment_weights=weights)
-    if check_positions and batch.get("position_ids") is not None:
+    explicit = batch.get("block_position_ids") is not None
+    prefix = batch.get("prefix_length")
+    if (explicit or prefix is not None) and cu is not None:
+        raise ValueError("block_position_ids / prefix_length (GLM objective) cannot be combined with packed rows "
+                         "(cu_seqlens); the GLM objective's rows are not packed")
+    if explicit and batch.get("position_ids") is None:
+        raise KeyError("micro-batch has block_position_ids but no position_ids (GLM's 2D positions need both)")
+    if prefix is not None and tuple(torch.as_tensor(prefix).shape) != (b,):
+        raise ValueError(f"prefix_length has shape {tuple(torch.as_tensor(prefix).shape)}, expected [b] = ({b},)")
+    if check_positions and not explicit and batch.get("position_ids") is not None:
         lengths = segment_lengths(cu, b * s, s) if cu is not None else None
         _check_positions(batch["position_ids"], batch["loss_mask"], b, s, lengths)
 
@@ -345,9 +367,14 @@ def split_micro_batch(batch: dict, cp_size: int = 1, cp_rank: int = 0, *, total_
         "labels": _take(batch["labels"].reshape(-1), index, pad_token_id).reshape(shape).long().to(device),
         "loss_mask": _take(batch["loss_mask"].reshape(-1).float(), index, 0.0).reshape(shape).to(device),
         "position_ids": plan.positions.reshape(shape).long().to(device),
+        "block_position_ids": None,
+        "prefix_length": None if prefix is None else torch.as_tensor(prefix).long().to(device),
         "plan": plan,
         "packed_seq_params": None,
     }
+    if explicit:
+        for key in ("position_ids", "block_position_ids"):
+            out[key] = _take(batch[key].reshape(-1), index, 0).reshape(shape).long().to(device)
     count = batch.get("loss_count")
     if count is not None:
         count = torch.as_tensor(count)
@@ -366,6 +393,16 @@ def split_micro_batch(batch: dict, cp_size: int = 1, cp_rank: int = 0, *, total_
             qkv_format="thd", cu_seqlens_q=cu_real, cu_seqlens_kv=cu_real, cu_seqlens_q_padded=cu_pad,
             cu_seqlens_kv_padded=cu_pad, max_seqlen_q=max_len, max_seqlen_kv=max_len)
     return out
+
+
+def model_inputs(mb: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(input_ids, position_ids, attention_mask)`` for ``GPTModel.forward`` from a split micro-batch
+    (:func:`split_micro_batch`): ``position_ids`` ``[b, s]``, or ``[b, 2, s]`` with ``block_position_ids``
+    (GLM's explicit 2D positions); ``attention_mask`` the ``prefix_length`` ``[b]`` (GLM's part A), or None."""
+    positions = mb["position_ids"]
+    if mb.get("block_position_ids") is not None:
+        positions = torch.stack([positions, mb["block_position_ids"]], dim=1)
+    return mb["tokens"], positions, mb.get("prefix_length")
 
 
 def gather_cp_output(local: torch.Tensor, plan: CPSplitPlan, group=None) -> torch.Tensor:

@@ -66,6 +66,7 @@ class Batches:
 
 def _pretrain_data(run: Run, plan, consumed_train: int):
     from megaglm.data.batching import MicroBatchIterator
+    from megaglm.data.glm_objective import wrap_datasets
     from megaglm.data.pretrain import build_pretrain_datasets
 
     t, G = plan.config.train, plan.batch.global_batch_size
@@ -73,6 +74,9 @@ def _pretrain_data(run: Run, plan, consumed_train: int):
     samples = (int(t.train_iters) * G, evals * int(t.eval_iters) * G, int(t.eval_iters) * G)
     train_ds, valid_ds, _ = build_pretrain_datasets(plan.config.data, run.tokenizer, plan.batch.seq_length,
                                                     int(t.seed), samples)
+    # data.objective=glm: blank infilling over the same windows (megaglm/data/glm_objective.py)
+    train_ds, valid_ds = wrap_datasets(plan.config.data, plan.config.model.position_embedding_type, run.tokenizer,
+                                       plan.batch.seq_length, int(t.seed), train_ds, valid_ds)
 
     def make_iterator(ds, consumed: int):
         return MicroBatchIterator(ds, plan.batch.micro_batch_size, G, run.dp_rank, run.dp_size, consumed)

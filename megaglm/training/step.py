@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megaglm.parallel.context_parallel import MicroBatchLayout, prepare_micro_batch
+from megaglm.parallel.context_parallel import MicroBatchLayout, model_inputs, prepare_micro_batch
 from megaglm.training.batches import Batches
 from megaglm.training.build import Run
 from megaglm.training.loss import masked_token_loss
@@ -43,7 +43,8 @@ def make_forward_step(layout: MicroBatchLayout):
     The batch holds ``tokens``, ``labels``, ``position_ids`` (int64 ``[b, s]``), ``loss_mask`` (float
     ``[b, s]``), optionally ``loss_count`` (this micro-batch's share of the global loss divisor; default:
     the number of loss tokens) and, for packed rows, ``cu_seqlens`` (int32 document boundaries over the
-    flattened ``b x s`` tokens; the contract is in :mod:`megaglm.parallel.context_parallel`). The batch is
+    flattened ``b x s`` tokens; the contract is in :mod:`megaglm.parallel.context_parallel`) or, for the
+    GLM objective, ``block_position_ids`` and ``prefix_length`` (2D positions and part A's length). The batch is
     cut to this context-parallel rank's zigzag chunks (per document when packed), packed rows run in
     megatron's ``thd`` format with ``PackedSeqParams``, and ``loss_count`` is kept on CP rank 0 only. On
     the last pipeline stage the model returns per-token cross-entropy ``[b_local, s_local]``.
@@ -52,8 +53,8 @@ def make_forward_step(layout: MicroBatchLayout):
     def forward_step(data_iterator, model):
         device = next(model.parameters()).device
         mb = prepare_micro_batch(next(data_iterator), layout, device)
-        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
-                       packed_seq_params=mb["packed_seq_params"])
+        tokens, positions, prefix = model_inputs(mb)  # GLM objective: [b, 2, s] positions, part A lengths
+        output = model(tokens, positions, prefix, labels=mb["labels"], packed_seq_params=mb["packed_seq_params"])
         return output, partial(masked_token_loss, mb["loss_mask"], loss_count=mb["loss_count"])
 
     return forward_step
