@@ -21,7 +21,7 @@ from omegaconf import MISSING
 class ModelConfig:
     """A GLM-architecture decoder (pre-norm RMSNorm, SwiGLU, GQA, partial interleaved RoPE, QKV bias).
 
-    Numbers of the published models are in ``shared/DESIGN.md`` ("GLM-4 facts").
+    Numbers of the published models are in ``docs/design.md`` ("GLM-4 facts").
     """
 
     name: str = MISSING

@@ -2,7 +2,7 @@
 
 megatron-core 0.16.1 assumes CUDA in ~250 places. This module routes those assumptions to the CPU,
 process-wide, and only when :func:`enable_cpu_platform` is called (``setup_platform`` does so when the
-run's device is CPU). What is routed (see ``shared/DESIGN.md``, "Running megatron-core without a GPU"):
+run's device is CPU). What is routed (see ``docs/design.md``, "Running megatron-core without a GPU"):
 
 * ``torch.cuda.current_device`` -> ``0`` (an int device that the function mode below maps to CPU);
   ``set_device``, ``synchronize``, ``empty_cache``, memory queries, streams, events, NVTX -> no-ops.

@@ -1,4 +1,4 @@
-"""Per-token language-model loss, normalized once globally (DESIGN.md, "Loss normalization").
+"""Per-token language-model loss, normalized once globally (docs/design.md, "Loss normalization").
 
 The loss function returns a *sum* and a *count*; megatron-core (``calculate_per_token_loss=True``)
 sums the counts over micro-batches, all-reduces them over data- and context-parallel ranks in

@@ -9,7 +9,7 @@ pattern stands for the decoder-layer index (global, 0-based).
 
 The tensors are *full* (unsharded, TP=1) tensors with global layer numbers: the form of a TP=1/PP=1
 ``state_dict`` and of the global shapes in a megatron ``dist_checkpointing`` checkpoint (which shards and
-reshards them itself). Layout facts (``shared/DESIGN.md``):
+reshards them itself). Layout facts (``docs/design.md``):
 
 * ``q_proj`` / ``k_proj`` / ``v_proj`` (weights ``[n_heads*d, h]``, ``[G*d, h]``, ``[G*d, h]`` and their
   biases) go into ``linear_qkv`` per KV group: ``[q heads of group g; k_g; v_g]`` for ``g = 0..G-1``.

@@ -3,7 +3,7 @@
 megatron-core's ``GPTModel``. The machinery is :mod:`megaglm.models.glm.hf_glm_mapping`'s; this module is
 the table and the config mapping.
 
-THUDM layout facts (``shared/DESIGN.md``):
+THUDM layout facts (``docs/design.md``):
 
 * ``transformer.encoder.layers.{i}.self_attention.query_key_value`` is one fused tensor
   ``[all Q heads | all K groups | all V groups]`` (rows ``(n_heads + 2G) * d``), bias likewise; megatron's
