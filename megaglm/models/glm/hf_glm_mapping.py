@@ -358,6 +358,9 @@ HF_GLM_RULES: tuple[Rule, ...] = (
 LOCAL_TO_TE_NAMES: dict[str, str] = {
     _L + "input_layernorm.weight": _L + "self_attention.linear_qkv.layer_norm_weight",
     _L + "pre_mlp_layernorm.weight": _L + "mlp.linear_fc1.layer_norm_weight",
+    # first-generation GLM's LayerNorm biases (chatglm6b_mapping.py)
+    _L + "input_layernorm.bias": _L + "self_attention.linear_qkv.layer_norm_bias",
+    _L + "pre_mlp_layernorm.bias": _L + "mlp.linear_fc1.layer_norm_bias",
 }
 
 # HF keys that carry no weights (buffers some versions save); skipped, not errors.
