@@ -5,7 +5,7 @@
     megaglm-ckpt convert hf-to-megaglm --input HF_DIR --output CKPT_DIR \\
         [--tensor-model-parallel-size N] [--pipeline-model-parallel-size N] \\
         [--virtual-pipeline-model-parallel-size N] [--dtype auto|fp32|bf16|fp16]
-    megaglm-ckpt convert megaglm-to-hf --input CKPT_DIR --output HF_DIR --format {glm,chatglm} \\
+    megaglm-ckpt convert megaglm-to-hf --input CKPT_DIR --output HF_DIR --format {glm,chatglm,chatglm_6b} \\
         [--max-shard-size 5GB] [--dtype fp32|bf16|fp16] [--vocab-size N]
     megaglm-ckpt reshard --input CKPT_DIR --output NEW_DIR --tensor-model-parallel-size N \\
         [--pipeline-model-parallel-size N] [--virtual-pipeline-model-parallel-size N] \\
@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     m2h = csub.add_parser("megaglm-to-hf", help="megaglm checkpoint -> HF directory (sharded safetensors)")
     m2h.add_argument("--input", required=True, help="megaglm checkpoint (save_dir or iter_NNNNNNN)")
     m2h.add_argument("--output", required=True, help="new Hugging Face directory (must not exist)")
-    m2h.add_argument("--format", required=True, choices=["glm", "chatglm"],
-                     help="glm: transformers GlmForCausalLM; chatglm: THUDM's names and config")
+    m2h.add_argument("--format", required=True, choices=["glm", "chatglm", "chatglm_6b"],
+                     help="glm: transformers GlmForCausalLM; chatglm: THUDM's names and config (chatglm2/3, glm-4); "
+                          "chatglm_6b: THUDM's first-generation chatglm-6b")
     m2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     m2h.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                      help="dtype of the written weights (default: the checkpoint's)")

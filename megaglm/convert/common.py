@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from megaglm.convert.errors import ConversionError
+from megaglm.models.glm.chatglm6b_mapping import CHATGLM6B_FORMAT, is_chatglm6b_config
 from megaglm.models.glm.hf_glm_mapping import HF_GLM_FORMAT
 from megaglm.models.glm.thudm_mapping import THUDM_CHATGLM_FORMAT
 
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-FORMATS = {"glm": HF_GLM_FORMAT, "chatglm": THUDM_CHATGLM_FORMAT}
+FORMATS = {"glm": HF_GLM_FORMAT, "chatglm": THUDM_CHATGLM_FORMAT, "chatglm_6b": CHATGLM6B_FORMAT}
 
 
 def detect_format(config: dict, where: str = "config.json"):
@@ -59,6 +60,8 @@ def detect_format(config: dict, where: str = "config.json"):
         ConversionError: ``model_type`` is missing or not ``glm`` / ``chatglm``.
     """
     model_type = config.get("model_type")
+    if is_chatglm6b_config(config):  # first generation (THUDM/chatglm-6b): model_type chatglm too
+        return CHATGLM6B_FORMAT
     if model_type not in FORMATS:
         raise ConversionError(f"{where}: model_type={model_type!r}; expected 'glm' (transformers GlmForCausalLM) "
                               "or 'chatglm' (THUDM's glm-4-9b / chatglm3-6b repositories)")

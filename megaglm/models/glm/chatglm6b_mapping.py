@@ -186,8 +186,9 @@ def dims_from_chatglm6b_config(config: Mapping, padded_vocab_size: Optional[int]
     """:class:`GlmDims` of a gen-1 ``config.json`` (multi-head: groups = heads; head dim = hidden / heads)."""
     heads = int(_c(config, "num_attention_heads"))
     hidden = int(_c(config, "hidden_size"))
-    return GlmDims(heads, heads, hidden // heads, hidden_size=hidden, ffn_hidden_size=int(_c(config, "inner_hidden_size")),
-                   num_layers=int(_c(config, "num_layers")), vocab_size=int(_c(config, "vocab_size")),
+    return GlmDims(heads, heads, hidden // heads, hidden_size=hidden,
+                   ffn_hidden_size=int(_c(config, "inner_hidden_size")), num_layers=int(_c(config, "num_layers")),
+                   vocab_size=int(_c(config, "vocab_size")),
                    padded_vocab_size=padded_vocab_size, add_qkv_bias=True)
 
 
