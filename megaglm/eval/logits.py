@@ -11,8 +11,11 @@ __all__ = ["pipeline_logits", "pipeline_token_losses"]
 
 
 def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor],
-         cu_seqlens: Optional[torch.Tensor], labels: Optional[torch.Tensor]):
+         cu_seqlens: Optional[torch.Tensor], labels: Optional[torch.Tensor], glm: Optional[dict] = None):
     """One forward pass through megatron-core's pipeline schedule on this rank's CP share.
+
+    ``glm``: the GLM objective's batch keys (``block_position_ids`` ``[b, s]``, ``prefix_length`` ``[b]``;
+    :mod:`megaglm.parallel.context_parallel`), with explicit ``position_ids``.
 
     Returns ``(outputs, plan)``: the last stage's output (logits ``[b_l, s_l, V/TP]`` or per-token
     losses ``[b_l, s_l]``), or None on other stages, and this rank's
@@ -21,7 +24,7 @@ def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megaglm.parallel.context_parallel import split_micro_batch
+    from megaglm.parallel.context_parallel import model_inputs, split_micro_batch
 
     b, s = tokens.shape
     if position_ids is None:
@@ -35,6 +38,7 @@ def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor
              "position_ids": position_ids}
     if cu_seqlens is not None:
         batch["cu_seqlens"] = cu_seqlens
+    batch.update(glm or {})
     chunks = list(model_chunks)
     device = next(chunks[0].parameters()).device
     mb = split_micro_batch(batch, ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(),
@@ -42,7 +46,8 @@ def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor
 
     def forward_step(data_iterator, model):
         next(data_iterator)
-        out = model(mb["tokens"], mb["position_ids"], None,
+        tokens_l, positions, prefix = model_inputs(mb)
+        out = model(tokens_l, positions, prefix,
                     labels=None if labels is None else mb["labels"],
                     packed_seq_params=mb["packed_seq_params"])
         return out, lambda output, non_loss_data=False: output
@@ -61,7 +66,7 @@ def _run(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor
 
 
 def pipeline_logits(model_chunks, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                    cu_seqlens: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                    cu_seqlens: Optional[torch.Tensor] = None, glm: Optional[dict] = None) -> Optional[torch.Tensor]:
     """Run one forward pass through megatron-core's pipeline schedule and gather the logits.
 
     Every rank of the model-parallel group (TP x PP x CP) calls this with the same ``tokens``. Under
@@ -74,6 +79,8 @@ def pipeline_logits(model_chunks, tokens: torch.Tensor, position_ids: Optional[t
         position_ids: int64 ``[b, s]``; default ``arange(s)`` per row (per packed document with
             ``cu_seqlens``). Checked against the positions the model uses.
         cu_seqlens: optional packed document boundaries (int32 ``[n + 1]`` over the ``b x s`` tokens).
+        glm: GLM objective inputs ``{"block_position_ids": [b, s], "prefix_length": [b]}`` (then
+            ``position_ids`` are GLM's explicit first position dimension and are not checked).
 
     Returns:
         float32 ``[b, s, padded_vocab]`` logits on the last pipeline stage (all its TP / CP ranks, after
@@ -84,7 +91,7 @@ def pipeline_logits(model_chunks, tokens: torch.Tensor, position_ids: Optional[t
 
     from megaglm.parallel.context_parallel import gather_cp_output
 
-    out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, None)
+    out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, None, glm)
     if out is None:
         return None
     logits = gather_from_tensor_model_parallel_region(out).float()
@@ -122,7 +129,8 @@ def _vocab_parallel_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[
 
 def pipeline_token_losses(model_chunks, tokens: torch.Tensor, labels: torch.Tensor,
                           position_ids: Optional[torch.Tensor] = None,
-                          cu_seqlens: Optional[torch.Tensor] = None, with_argmax: bool = False):
+                          cu_seqlens: Optional[torch.Tensor] = None, with_argmax: bool = False,
+                          glm: Optional[dict] = None):
     """Per-token cross-entropy (nats) of ``labels`` given ``tokens``, through any layout.
 
     Same calling convention as :func:`pipeline_logits`. Without ``with_argmax`` the model's own
@@ -139,11 +147,11 @@ def pipeline_token_losses(model_chunks, tokens: torch.Tensor, labels: torch.Tens
     from megaglm.parallel.context_parallel import gather_cp_output
 
     if not with_argmax:
-        out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, labels)
+        out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, labels, glm)
         if out is None:
             return None
         return gather_cp_output(out.float(), plan, ps.get_context_parallel_group() if plan.cp_size > 1 else None)
-    out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, None)
+    out, plan = _run(model_chunks, tokens, position_ids, cu_seqlens, None, glm)
     if out is None:
         return None
     from megaglm.parallel.context_parallel import split_micro_batch
