@@ -161,6 +161,25 @@ class DataConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (``train.objective=dpo``; :mod:`megaglm.training.alignment`).
+
+    ``loss``: sigmoid (DPO, Rafailov et al. 2023 eq. 7, with conservative label smoothing) | ipo (Azar et
+    al. 2023) | sigmoid_norm (length-normalised); :mod:`megaglm.training.preference_loss`. ``reference``:
+    live (a frozen second model at the run's layout scores each step's micro-batches) | precomputed (a first
+    pass scores every pair once; the log-probs are stored and travel with the batches).
+    ``reference_dir``: the reference model's checkpoint directory (null = ``checkpoint.load_dir``, the
+    policy's initialisation, which must then be set).
+    """
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "live"
+    reference_dir: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     """Batching, optimizer and LR schedule (megatron-core names)."""
 
@@ -201,6 +220,11 @@ class TrainConfig:
     cross_entropy_fusion_impl: str = "native"  # native (megatron-core) | te (Transformer Engine's)
     # CUDA graphs: none (default) | local (megatron-core's graph manager) | transformer_engine
     cuda_graph_impl: str = "none"
+    # What the step optimizes: lm (next-token cross entropy: pretraining, SFT) | dpo (preference pairs,
+    # train.dpo) | reward (a scalar-head reward model on preference pairs, Bradley-Terry). dpo / reward
+    # need data.format=preference (megaglm/training/alignment.py).
+    objective: str = "lm"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 @dataclass

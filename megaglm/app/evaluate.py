@@ -74,10 +74,11 @@ def evaluate_checkpoint(plan: RunPlan, ckpt_dir: Optional[str] = None, name: Opt
         destroy_model_parallel()
 
 
-def plan_from_checkpoint(ckpt_dir: str | Path, overrides: Sequence[str] = ()) -> RunPlan:
+def plan_from_checkpoint(ckpt_dir: str | Path, overrides: Sequence[str] = (), world_size: int = 1) -> RunPlan:
     """The plan of a trained run's latest checkpoint in ``ckpt_dir``, reduced to one CPU rank: its saved
     ``run_config.yaml`` with TP = PP = CP = 1, no sequence parallelism, no distributed optimizer, plus
-    ``overrides`` (dotted ``key=value``).
+    ``overrides`` (dotted ``key=value``). ``world_size > 1`` (inference tools under a launcher): the
+    overrides give the layout, one sequence per micro-batch and data-parallel rank.
 
     Raises:
         ValueError: no checkpoint, or no saved run config, in ``ckpt_dir``.
@@ -105,13 +106,20 @@ def plan_from_checkpoint(ckpt_dir: str | Path, overrides: Sequence[str] = ()) ->
     for ov in overrides:
         key, _, value = ov.partition("=")
         OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
-    return preflight(cfg, world_size=1, check_files=False)
+    if world_size > 1:
+        p = cfg.parallel
+        dp = world_size // max(1, int(p.tensor_model_parallel_size) * int(p.pipeline_model_parallel_size)
+                               * int(p.context_parallel_size))
+        OmegaConf.update(cfg, "train.micro_batch_size", 1, merge=False)
+        OmegaConf.update(cfg, "train.global_batch_size", max(dp, 1), merge=False)
+    return preflight(cfg, world_size=world_size, check_files=False)
 
 
-def load_trained_run(ckpt_dir: str | Path, overrides: Sequence[str] = ()) -> Run:
-    """A 1-rank model with the latest checkpoint of ``ckpt_dir`` loaded, in eval mode
-    (:func:`plan_from_checkpoint` + :func:`~megaglm.training.build.build_run`)."""
-    run = build_run(plan_from_checkpoint(ckpt_dir, overrides), with_optimizer=False, perform_initialization=False)
+def load_trained_run(ckpt_dir: str | Path, overrides: Sequence[str] = (), world_size: int = 1) -> Run:
+    """A model with the latest checkpoint of ``ckpt_dir`` loaded, in eval mode (:func:`plan_from_checkpoint`
+    + :func:`~megaglm.training.build.build_run`): one rank, or ``world_size`` ranks laid out by ``overrides``."""
+    run = build_run(plan_from_checkpoint(ckpt_dir, overrides, world_size), with_optimizer=False,
+                    perform_initialization=False)
     _load_weights(run, str(ckpt_dir))
     return run
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # lr decay styles megatron-core's OptimizerParamScheduler supports without extra settings.
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-DATA_FORMATS = ("pretrain", "chat")
+DATA_FORMATS = ("pretrain", "chat", "preference")
 
 
 def _extra_keys(node: Any, cls: type, prefix: str = "") -> list[str]:
@@ -203,6 +203,7 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
     """Checks 1-7 for one (non-chained) config, and its plan."""
     from megaglm.models.glm.spec import select_backend
     from megaglm.platform.device import resolve_device
+    from megaglm.training.alignment import check_alignment
     from megaglm.training.megatron_fields import megatron_fields
     from megaglm.training.objective import check_objective
 
@@ -217,6 +218,7 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
     if str(cfg.data.format) not in DATA_FORMATS:
         raise UserError(f"data.format={cfg.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
     check_objective(cfg, fields.transformer, select_backend(device_type))  # data.objective (issue 12)
+    check_alignment(cfg)  # train.objective: dpo / reward on preference data (issue 13)
     if check_files:
         _check_data(cfg)
         if check_checkpoint:

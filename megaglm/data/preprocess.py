@@ -199,9 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", default="cl100k_glm", choices=["cl100k_glm", "glm4"])
     p.add_argument("--tokenizer-model", default=None, metavar="PATH",
                    help="GLM-4 tokenizer.model (required for glm4)")
-    p.add_argument("--format", default="text", choices=["text", "chat"],
+    p.add_argument("--format", default="text", choices=["text", "chat", "preference"],
                    help="text: documents for pretraining (default); chat: conversations "
-                   '({"messages": [...]}) for SFT, see megaglm.data.sft_preprocess')
+                   '({"messages": [...]}) for SFT, see megaglm.data.sft_preprocess; preference: '
+                   '{"prompt"/"messages", "chosen", "rejected"} pairs for DPO / reward models, see '
+                   "megaglm.data.preference")
     p.add_argument("--json-key", default=None,
                    help="JSONL field with the text (default: text) or, with --format chat, the message list "
                    "(default: messages)")
@@ -243,6 +245,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
             raise PreprocessError(f"--tokenizer-model {args.tokenizer_model!r}: no such file")
         tokenizer = GLMTokenizer(args.tokenizer_type, args.tokenizer_model)
+        if args.format == "preference":
+            from megaglm.data.preference import preprocess_preference
+
+            summary = preprocess_preference(args.input, args.output_prefix, tokenizer,
+                                            skip_bad_lines=args.skip_bad_lines)
+            print(f"megaglm-preprocess: {summary.format()}")
+            return 0
         if args.format == "chat":
             from megaglm.data.sft_preprocess import main_chat
 

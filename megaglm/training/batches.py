@@ -1,5 +1,6 @@
 """The run's batches: training and validation micro-batch iterators for pretraining windows
-(megatron's ``GPTDataset`` / ``BlendedDataset``) and LongAlign chat SFT (:mod:`megaglm.data.sft`).
+(megatron's ``GPTDataset`` / ``BlendedDataset``), LongAlign chat SFT (:mod:`megaglm.data.sft`) and
+preference pairs for DPO / reward models (:mod:`megaglm.data.preference`).
 
 Both formats share the iteration contract of :mod:`megaglm.data.batching`: the whole iterator state is
 the number of samples consumed, so a resumed run sees the batches an uninterrupted one would.
@@ -93,6 +94,18 @@ def _chat_data(run: Run, plan, log_text: Callable[[str], None]):
     return sft.train, sft.valid, sft.make_iterator
 
 
+def _preference_data(run: Run, plan, log_text: Callable[[str], None]):
+    from megaglm.data.preference import build_preference_data
+    from megaglm.training.alignment import precompute_reference
+
+    t = plan.config.train
+    mode = "reward" if str(t.objective) == "reward" else "dpo"
+    pref = build_preference_data(plan.config, run.tokenizer, run.dp_rank, run.dp_size, mode=mode, log=log_text)
+    if mode == "dpo" and str(t.dpo.reference) == "precomputed":
+        precompute_reference(run, pref, log_text)  # DPO: reference log-probs scored once, stored with the data
+    return pref.train, pref.valid, pref.make_iterator
+
+
 def _unigram_entropy(plan, tokenizer) -> float:
     from megaglm.data.demo import ensure_demo_dataset
     from megaglm.data.pretrain import parse_blend
@@ -116,6 +129,8 @@ def build_batches(run: Run, consumed_train: int, log_text: Callable[[str], None]
     plan = run.plan
     if plan.data_format == "chat":
         train_ds, valid_ds, make_iterator = _chat_data(run, plan, log_text)
+    elif plan.data_format == "preference":
+        train_ds, valid_ds, make_iterator = _preference_data(run, plan, log_text)
     else:
         train_ds, valid_ds, make_iterator = _pretrain_data(run, plan, consumed_train)
     train = [make_iterator(train_ds, consumed_train) for _ in run.model]

@@ -36,6 +36,8 @@ class Run:
         config: the chunks' ``TransformerConfig``.
         micro_batch_layout: how this rank cuts micro-batches (CP size / rank, sequence multiple).
         dp_rank / dp_size: this rank's data-parallel coordinates.
+        reference / reference_path: DPO's frozen reference chunks and the checkpoint they came from, set
+            on first use (:func:`megaglm.training.alignment.reference_model`); None otherwise.
     """
 
     plan: RunPlan
@@ -52,6 +54,8 @@ class Run:
     micro_batch_layout: MicroBatchLayout
     dp_rank: int
     dp_size: int
+    reference: Any = None
+    reference_path: Any = None
 
     @property
     def device(self) -> torch.device:

@@ -141,7 +141,8 @@ def record_step(run: Run, batches: Batches, metrics: MetricsLogger, state: LoopS
                                 run.platform.device_type),
               "consumed_samples": batches.consumed_samples,
               "consumed_tokens": batches.consumed_samples * plan.batch.seq_length,
-              "progress": state.iteration / int(plan.config.train.train_iters)}
+              "progress": state.iteration / int(plan.config.train.train_iters),
+              **step.metrics}  # the objective's own scalars (DPO rewards/accuracy ..., training/alignment.py)
     metrics.scalars(state.iteration, values, prefix="train/")
     if plan.config.logging.progress and (state.iteration % int(plan.config.logging.log_interval) == 0
                                          or state.iteration == 1):

@@ -85,6 +85,8 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "train.cross_entropy_loss_fusion": ("transformer:cross_entropy_loss_fusion",),
     "train.cross_entropy_fusion_impl": ("transformer:cross_entropy_fusion_impl",),
     "train.cuda_graph_impl": ("transformer:cuda_graph_impl",),
+    "train.objective": ("megaglm:megaglm.training.alignment",),
+    "train.dpo": ("megaglm:megaglm.training.alignment",),
 }
 
 

@@ -4,13 +4,14 @@ optimizer and LR scheduler, and the step's global loss."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
 import torch
 
 from megaglm.parallel.context_parallel import MicroBatchLayout, model_inputs, prepare_micro_batch
+from megaglm.training.alignment import forward_step_for, prepare_step, reduce_metrics
 from megaglm.training.batches import Batches
 from megaglm.training.build import Run
 from megaglm.training.loss import masked_token_loss
@@ -28,6 +29,7 @@ class StepResult:
         update_ok: False when megatron found the gradients non-finite and skipped the update.
         lr: the learning rate the step used.
         step_time: wall seconds of the step.
+        metrics: the objective's extra scalars (DPO rewards / accuracy ..., :mod:`megaglm.training.alignment`).
     """
 
     loss: Optional[float]
@@ -35,6 +37,7 @@ class StepResult:
     update_ok: bool
     lr: float
     step_time: float
+    metrics: dict = field(default_factory=dict)
 
 
 def make_forward_step(layout: MicroBatchLayout):
@@ -81,12 +84,15 @@ def reduce_loss(losses_reduced: list[dict[str, torch.Tensor]]) -> Optional[float
 
 def run_schedule(run: Run, data_iterator, forward_only: bool, seq_length: Optional[int] = None) -> list:
     """One pass of megatron's forward(-backward) schedule (1F1B, interleaved with VPP, or no pipelining)
-    over the plan's micro-batches per step."""
+    over the plan's micro-batches per step, with ``train.objective``'s forward step (DPO: after the live
+    reference model's pass over the same micro-batches)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch = run.plan.batch
+    data_iterator = prepare_step(run, data_iterator, batch.num_microbatches)
     return get_forward_backward_func()(
-        forward_step_func=make_forward_step(run.micro_batch_layout), data_iterator=data_iterator,
+        forward_step_func=forward_step_for(run) or make_forward_step(run.micro_batch_layout),
+        data_iterator=data_iterator,
         model=run.model if len(run.model) > 1 else run.model[0], num_microbatches=batch.num_microbatches,
         seq_length=seq_length or batch.seq_length, micro_batch_size=batch.micro_batch_size,
         forward_only=forward_only)
@@ -106,5 +112,5 @@ def train_step(run: Run, batches: Batches) -> StepResult:
     if update_ok:
         run.scheduler.step(increment=1)
     return StepResult(reduce_loss(out), grad_norm, bool(update_ok), run.optimizer.param_groups[0]["lr"],
-                      time.time() - t0)
+                      time.time() - t0, reduce_metrics(run, out))
 
