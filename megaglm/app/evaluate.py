@@ -142,7 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     * ``megaglm-eval sft-tasks RUN_DIR [--n 100]``: held-out answer accuracy of a LongAlign demo run
       (exact match per task and token accuracy), as JSON;
     * ``megaglm-eval long-context RUN_DIR``: perplexity by position bucket and passkey retrieval with
-      the run's ``stage.eval`` settings, written to ``RUN_DIR/eval``.
+      the run's ``stage.eval`` settings, written to ``RUN_DIR/eval``;
+    * ``megaglm-eval glm-tasks RUN_DIR [--n 200]``: blank-infilling and last-word accuracy on held-out
+      windows, in the format of the run's ``data.objective`` (:mod:`megaglm.eval.glm_tasks`), as JSON
+      (also written to ``RUN_DIR/eval/glm_tasks.json``).
     """
     import argparse
 
@@ -153,11 +156,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s.add_argument("--n", type=int, default=100, help="held-out conversations to score")
     lc = sub.add_parser("long-context", help="perplexity by position bucket and passkey retrieval")
     lc.add_argument("run_dir")
+    g = sub.add_parser("glm-tasks", help="blank-infilling and last-word accuracy (either objective)")
+    g.add_argument("run_dir")
+    g.add_argument("--n", type=int, default=200, help="held-out windows to score")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:
         if args.cmd == "sft-tasks":
             print(json.dumps(_sft_tasks(run_dir, args.n), indent=1))
+        elif args.cmd == "glm-tasks":
+            from megaglm.eval.glm_tasks import evaluate_glm_tasks
+
+            res = evaluate_glm_tasks(load_trained_run(run_dir / "checkpoints"), args.n)
+            (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+            (run_dir / "eval" / "glm_tasks.json").write_text(json.dumps(res, indent=1))
+            print(json.dumps(res, indent=1))
         else:
             plan = plan_from_checkpoint(run_dir / "checkpoints")
             res = evaluate_checkpoint(plan, str(run_dir / "checkpoints"), out_dir=str(run_dir / "eval"))
