@@ -83,10 +83,10 @@ def _section(base, name: str, cls):
 def _check_optimizer_format(src_dist: bool, dst_dist: bool) -> None:
     """Refuse optimizer-state reshards megatron-core 0.16.1 cannot load.
 
-    Its ``DistributedOptimizer`` state is the ``fully_reshardable`` format, which only a distributed optimizer
-    loads (and the other way round); and without Transformer Engine / Apex (torch's Adam, i.e. CPU runs) a
-    distributed optimizer cannot load any checkpoint: ``state_dict()`` needs a 'step' a fresh optimizer lacks,
-    and ``load_parameter_state_from_fully_reshardable`` has no source for the 'step' it copies (KeyError).
+    Its ``DistributedOptimizer`` state is the ``fully_reshardable`` format, which only a distributed
+    optimizer loads (and the other way round). Within one format the state reshards to any TP / PP / DP
+    layout, on CPU too: megaglm's checkpoint loader bridges the gaps megatron-core 0.16.1 leaves with torch's
+    Adam (:func:`megaglm.training.checkpointing.load_checkpoint`; tested bit-exact for every Adam moment).
 
     Raises:
         ConversionError: naming the option to use instead.
@@ -96,14 +96,6 @@ def _check_optimizer_format(src_dist: bool, dst_dist: bool) -> None:
             f"the checkpoint's optimizer state was written {'with' if src_dist else 'without'} the distributed "
             "optimizer; it cannot be loaded "
             f"{'without' if src_dist else 'with'} it. Keep the setting, or pass --no-optimizer (weights only)")
-    if dst_dist:
-        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
-        if not HAVE_APEX_OR_TE:
-            raise ConversionError(
-                "this checkpoint holds distributed-optimizer state, and megatron-core 0.16.1 cannot load that into "
-                "torch's Adam (no Transformer Engine / Apex here); pass --no-optimizer to reshard the weights, or "
-                "reshard on a machine with Transformer Engine")
 
 
 def plan_reshard(input: str | os.PathLike, tensor_model_parallel_size: int = 1,
@@ -204,7 +196,9 @@ def reshard_on_current_ranks(job: ReshardJob) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=job.tp, pipeline_model_parallel_size=job.pp,
                               virtual_pipeline_model_parallel_size=job.vpp,
                               use_distributed_optimizer=job.use_distributed_optimizer)
-    train = TrainConfig(**job.train)
+    from omegaconf import OmegaConf as _OC
+
+    train = _OC.to_object(_OC.merge(_OC.structured(TrainConfig), job.train))  # nested sections typed again
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():

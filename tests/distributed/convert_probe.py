@@ -109,10 +109,13 @@ def main() -> None:
             hf_to_megaglm(case["hf"], case["out"], case["tp"], case["pp"], case.get("vpp"), launcher="current")
             if case.get("logits"):
                 _load_and_logits(case)
-        rs = spec["reshard"]
-        _train_one_step_and_save(rs)
-        reshard(rs["src"], rs["r1"], 1, 1, None, 4, rs.get("r1_dist_opt"), launcher="current")
-        reshard(rs["r1"], rs["r2"], 2, 1, None, 2, rs.get("r2_dist_opt"), launcher="current")
+        for key in ("reshard", "reshard_dist"):  # plain Adam state, then distributed-optimizer state
+            rs = spec.get(key)
+            if rs is None:
+                continue
+            _train_one_step_and_save(rs)
+            reshard(rs["src"], rs["r1"], 1, 1, None, 4, rs.get("r1_dist_opt"), launcher="current")
+            reshard(rs["r1"], rs["r2"], 2, 1, None, 2, rs.get("r2_dist_opt"), launcher="current")
     destroy()
 
 

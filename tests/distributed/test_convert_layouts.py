@@ -63,7 +63,10 @@ def probe(tmp_path_factory):
                    root / f"tokens_{name}.pt")
     spec = {"parity": [], "reshard": {
         "from": str(root / "c_tp2pp2"), "src": str(root / "rs_src"), "r1": str(root / "rs_tp1"),
-        "r2": str(root / "rs_tp2"), "tokens": str(root / "tokens_c.pt"), "dist_opt": False}}
+        "r2": str(root / "rs_tp2"), "tokens": str(root / "tokens_c.pt"), "dist_opt": False},
+        "reshard_dist": {
+            "from": str(root / "c_tp2pp2"), "src": str(root / "rsd_src"), "r1": str(root / "rsd_tp1"),
+            "r2": str(root / "rsd_tp2"), "tokens": str(root / "tokens_c.pt"), "dist_opt": True}}
     for case, (m, tp, pp, vpp, logits) in CASES.items():
         spec["parity"].append({"name": case, "hf": str(hf[m]), "out": str(root / case), "tp": tp, "pp": pp,
                                "vpp": vpp, "tokens": str(root / f"tokens_{m}.pt"),
@@ -113,14 +116,16 @@ def test_layouts_hold_the_same_tensors_and_export_is_exact(probe, tmp_path):
     assert emb["shape"] == [256, 64]
 
 
-def test_reshard_round_trip_is_bit_exact(probe):
+@pytest.mark.parametrize("prefix", ["rs", "rsd"])  # Adam state of torch's Adam / of the distributed optimizer
+def test_reshard_round_trip_is_bit_exact(probe, prefix):
     from megatron.core import dist_checkpointing
 
     from megaglm.convert.inspect import inspect_checkpoint
 
     root = probe["root"]
     it = "iter_0000001"
-    src, r1, r2 = (plain_tensors(root / d / it) for d in ("rs_src", "rs_tp1", "rs_tp2"))
+    dirs = (f"{prefix}_src", f"{prefix}_tp1", f"{prefix}_tp2")
+    src, r1, r2 = (plain_tensors(root / d / it) for d in dirs)
     opt_keys = [k for k in src if k.startswith("optimizer.")]
     assert len(opt_keys) >= 20, sorted(src)[:5]  # Adam moments (+ fp32 params) per parameter
     init = plain_tensors(root / "c_tp2pp2" / "iter_0000000")
@@ -130,7 +135,7 @@ def test_reshard_round_trip_is_bit_exact(probe):
         assert set(other) == set(src), name
         bad = [k for k in src if not torch.equal(other[k], src[k])]
         assert not bad, f"{name}: {bad[:5]}"
-    layouts = [inspect_checkpoint(root / d)["layout"] for d in ("rs_src", "rs_tp1", "rs_tp2")]
+    layouts = [inspect_checkpoint(root / d)["layout"] for d in dirs]
     assert [(x["tensor_model_parallel_size"], x["pipeline_model_parallel_size"], x["data_parallel_size"])
             for x in layouts] == [(2, 2, 1), (1, 1, 4), (2, 1, 2)]
     commons = []
@@ -140,7 +145,7 @@ def test_reshard_round_trip_is_bit_exact(probe):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1)
     try:
-        for d in ("rs_src", "rs_tp1", "rs_tp2"):
+        for d in dirs:
             commons.append(dist_checkpointing.load_common_state_dict(str(root / d / it)))
     finally:
         dist.destroy_process_group()
@@ -148,7 +153,7 @@ def test_reshard_round_trip_is_bit_exact(probe):
         assert c["iteration"] == commons[0]["iteration"] == 1
         assert c["consumed_train_samples"] == commons[0]["consumed_train_samples"] == 2
         assert c["opt_param_scheduler"] == commons[0]["opt_param_scheduler"]
-    lineage = inspect_checkpoint(root / "rs_tp2")["lineage"]
+    lineage = inspect_checkpoint(root / dirs[2])["lineage"]
     assert [e["op"] for e in lineage][-2:] == ["reshard", "reshard"]
 
 
