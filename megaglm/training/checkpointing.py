@@ -46,7 +46,9 @@ CONFIG_FILE = "run_config.yaml"
 # ModelConfig fields that change the weights' meaning; a checkpoint disagreeing on one is refused.
 _ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "kv_channels", "add_qkv_bias", "add_bias_linear",
-                "untie_embeddings_and_output_weights", "rotary_percent", "rotary_interleaved")
+                "untie_embeddings_and_output_weights", "rotary_percent", "rotary_interleaved",
+                # first-generation GLM (issue 12); absent from older checkpoints, then not compared
+                "position_embedding_type", "normalization", "norm_placement", "deepnorm", "activation")
 
 
 class CheckpointMismatchError(ValueError):
