@@ -6,6 +6,10 @@ signature (it takes the ``core_attention`` slot of ``SelfAttentionSubmodules``).
 ``DotProductAttention`` refuses context parallelism and packed sequences; this one does both:
 
 * **Causal** attention within each sequence (``attn_mask_type`` is always causal for GLM).
+* **GLM's prefix mask** (the blank-infilling objective, Du et al. 2022 sec. 2.1): with ``attention_mask``
+  an int64 ``[b]`` of part A lengths ``p``, key ``j`` is visible to query ``i`` iff ``j < p`` or ``j <= i``
+  (:func:`prefix_mask`; an explicit boolean mask per query chunk, with the chunk's global positions under
+  context parallelism).
 * **Packed sequences** (``packed_seq_params.qkv_format == "thd"``): the tokens of several documents are
   concatenated along one ``[t, heads, dim]`` axis; ``cu_seqlens_q_padded`` (or ``cu_seqlens_q``) gives
   the document boundaries. A token attends only to earlier tokens of its own document.
