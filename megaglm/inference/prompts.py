@@ -8,7 +8,8 @@ Accepted shapes (other keys are kept and copied to the output line):
 * ``{"prompt_ids": [int, ...]}``: token ids as they are.
 
 For scoring (``megaglm-generate --score``), a line also carries the ``"response"`` to score (a string or
-an assistant message); it is appended as GLM-4's assistant turn.
+an assistant message); it is appended as GLM-4's assistant turn (a text ``prompt`` is then one user
+message, as in preference data, :mod:`megaglm.data.preference`).
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def _response_text(response: Any, where: str) -> str:
     raise PromptFileError(f"{where}: \"response\" must be a string or one assistant message")
 
 
-def encode_prompt(record: Any, tokenizer: Any, where: str = "prompt", with_response: bool = False) -> list[int]:
+def encode_prompt(record: Any, tokenizer: Any, where: str = "prompt", with_response: bool = False,
+                  chat: bool = False) -> list[int]:
     """Token ids of one prompt record (see the module docstring).
 
     Args:
         with_response: append ``record["response"]`` as the assistant's answer (scoring), followed by
             the turn's end token ``<|user|>`` for chat prompts.
+        chat: a text ``prompt`` is one user message (rendered with the chat template), not raw text.
 
     Raises:
         PromptFileError: not an object, none (or more than one) of ``prompt`` / ``messages`` /
@@ -72,10 +75,13 @@ def encode_prompt(record: Any, tokenizer: Any, where: str = "prompt", with_respo
         response = _response_text(record["response"], where)
         if not response:
             raise PromptFileError(f"{where}: \"response\" is empty")
+    if key == "prompt" and not isinstance(record["prompt"], str):
+        raise PromptFileError(f"{where}: \"prompt\" must be a string")
+    messages = record.get("messages")
+    if key == "prompt" and (response is not None or chat):  # a text prompt as one user message (preference data)
+        key, messages = "messages", [{"role": "user", "content": record["prompt"]}]
     if key == "prompt":
-        if not isinstance(record["prompt"], str):
-            raise PromptFileError(f"{where}: \"prompt\" must be a string")
-        ids = tokenizer.encode(record["prompt"] + (response or ""))
+        ids = tokenizer.encode(record["prompt"])
     elif key == "prompt_ids":
         ids = record["prompt_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < tokenizer.vocab_size for t in ids):
@@ -83,7 +89,6 @@ def encode_prompt(record: Any, tokenizer: Any, where: str = "prompt", with_respo
                                   f"{tokenizer.vocab_size})")
         ids = list(ids) + (tokenizer.encode(response) if response else [])
     else:
-        messages = record["messages"]
         try:
             if response is None:
                 ids = render_chat(tokenizer, messages, add_generation_prompt=True, require_assistant=False).ids.tolist()
@@ -97,7 +102,7 @@ def encode_prompt(record: Any, tokenizer: Any, where: str = "prompt", with_respo
     return [int(t) for t in ids]
 
 
-def read_prompts(path: str | Path, tokenizer: Any, with_response: bool = False) -> list[Prompt]:
+def read_prompts(path: str | Path, tokenizer: Any, with_response: bool = False, chat: bool = False) -> list[Prompt]:
     """Every prompt of a JSONL file (blank lines are skipped).
 
     Raises:
@@ -120,7 +125,7 @@ def read_prompts(path: str | Path, tokenizer: Any, with_response: bool = False) 
                 record = json.loads(line)
             except ValueError as err:
                 raise PromptFileError(f"{where}: invalid JSON ({err})") from None
-            out.append(Prompt(record, encode_prompt(record, tokenizer, where, with_response), where))
+            out.append(Prompt(record, encode_prompt(record, tokenizer, where, with_response, chat), where))
     if not out:
         raise PromptFileError(f"{path}: no prompts in the file")
     return out
