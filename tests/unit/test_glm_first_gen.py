@@ -217,3 +217,23 @@ def test_core_attention_dependencies_follow_the_glm_mask():
     assert torch.equal(glm_attention_mask(prefix, s), by_hand)
     with pytest.raises(ValueError, match="prefix lengths"):
         core(q, k, v, torch.ones(1, 1, s, s, dtype=torch.bool))
+
+
+def test_rope_2d_table_on_the_glm4_geometry():
+    """GLM-4's head (128 dims, half rotary): megatron's rotation with our 2D table equals the reference's
+    complex rotation (first 32 rotary dims by position 1, next 32 by position 2, the last 64 untouched)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megaglm.models.glm.model import rope_2d_inv_freq, rope_table
+    from tests.glm_reference import _rope
+
+    g = torch.Generator().manual_seed(0)
+    b, s, n, d, rot = 2, 12, 3, 128, 64
+    pos1 = torch.randint(0, 50, (b, s), generator=g)
+    pos2 = torch.randint(0, 9, (b, s), generator=g)
+    x = torch.randn(s, b, n, d, generator=g, dtype=torch.float64)
+    table = rope_table(torch.stack([pos1, pos2], 1), "rope_2d", rope_2d_inv_freq(rot, 10000.0).double(), True)
+    got = _apply_rotary_pos_emb_bshd(x, table.double(), rotary_interleaved=True)
+    want = _rope(x.permute(1, 0, 2, 3), pos1, pos2, "rope_2d", rot, 10000.0, "adjacent").permute(1, 0, 2, 3)
+    assert (got - want).abs().max() < 1e-5
+    assert torch.equal(got[..., rot:], x[..., rot:])
