@@ -274,6 +274,9 @@ class CheckpointConfig:
     load_dir: Optional[str] = None
     load_optimizer: bool = True
     load_rng: bool = True
+    # On resume, use this run's LR schedule (train.lr, min_lr, warmup, decay style / length, weight decay)
+    # instead of the checkpoint's (megatron-core keeps the checkpoint's by default).
+    override_scheduler: bool = False
     save_final: bool = True
     keep_last: Optional[int] = None
 

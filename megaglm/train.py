@@ -60,11 +60,37 @@ def train_from_overrides(overrides: Sequence[str]) -> int:
     return 0
 
 
+def _swept_on_command_line(key: str) -> bool:
+    """Whether the command line sweeps ``key`` (``key=a,b``, ``key=range(...)`` ...): the user then named
+    an output directory per job."""
+    for arg in sys.argv[1:]:
+        name, sep, value = arg.partition("=")
+        if sep and name.lstrip("+~") == key and ("," in value or "(" in value):
+            return True
+    return False
+
+
+def job_overrides() -> list[str]:
+    """The overrides of the Hydra job being run. In a multirun (``-m``), each job gets its own output
+    directory, ``<run.output_dir>/<job number>`` (Hydra's sweep directory, ``conf/config.yaml``), unless
+    the command line sweeps ``run.output_dir`` itself; otherwise every job would resume from the
+    previous job's checkpoint and share its TensorBoard directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN and not _swept_on_command_line("run.output_dir"):
+        job_dir = str(hc.runtime.output_dir).replace("'", "\\'")
+        overrides.append(f"run.output_dir='{job_dir}'")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"multirun job {hc.job.num}: run.output_dir={hc.runtime.output_dir}", flush=True)
+    return overrides
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_entry(_: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    code = train_from_overrides(list(HydraConfig.get().overrides.task))
+    code = train_from_overrides(job_overrides())
     if code:
         sys.exit(code)
 

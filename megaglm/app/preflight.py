@@ -126,10 +126,10 @@ def _check_stage_eval(cfg: DictConfig) -> None:
 
 def _check_data(cfg: DictConfig) -> None:
     from megaglm.data.pretrain import parse_blend
-    from megaglm.data.splits import split_ranges
+    from megaglm.data.splits import split_shares
 
     try:
-        split_ranges(1, str(cfg.data.split))
+        split_shares(str(cfg.data.split))
     except ValueError as err:
         raise UserError(str(err)) from None
     blend = list(cfg.data.blend or [])
@@ -147,7 +147,7 @@ def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
         os.path.expanduser(b))
 
 
-def _check_checkpoint(cfg: DictConfig) -> None:
+def _check_checkpoint(cfg: DictConfig) -> tuple[str, ...]:
     from megaglm.training.checkpointing import TRACKER_FILE
 
     save_dir, explicit = cfg.checkpoint.save_dir, cfg.checkpoint.load_dir
@@ -196,6 +196,34 @@ def _check_checkpoint(cfg: DictConfig) -> None:
         raise UserError(f"{err}\n(checkpoint.load_dir is unset, so this run resumes from its own "
                         f"checkpoint.save_dir={save_dir!r}; for a new run of this model use another "
                         "run.output_dir.)") from None
+    if any(e.get("op") == "hf-to-megaglm" for e in meta.get("lineage") or []):
+        return ()  # converted weights: their run config is the schema's defaults; only the model is known
+    return _resume_policy(cfg, str(path))
+
+
+def _resume_policy(cfg: DictConfig, path: str) -> tuple[str, ...]:
+    """The resume policy (:mod:`megaglm.app.resume`) between the checkpoint's saved config and this run's:
+    refused differences raise, the others become the lines the run prints when it loads."""
+    from megaglm.app.resume import resume_decisions, saved_config
+
+    saved = saved_config(path)
+    if saved is None:
+        return ()
+    report = resume_decisions(saved, OmegaConf.to_container(cfg, resolve=True), path)
+    if report.refused:
+        raise UserError(report.refusal())
+    return tuple(report.lines())
+
+
+def _stage_resume_policy(stage_cfg: DictConfig, name: str) -> tuple[str, ...]:
+    """The resume policy for a stage that has an unfinished checkpoint of its own (the chain resumes it)."""
+    from megaglm.training.lineage import stage_status
+
+    save_dir = stage_cfg.checkpoint.save_dir
+    status = stage_status(save_dir, name) if save_dir else None
+    if status is None or status.get("finished"):
+        return ()
+    return _resume_policy(stage_cfg, status["path"])
 
 
 def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files: bool,
@@ -219,15 +247,16 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
         raise UserError(f"data.format={cfg.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
     check_objective(cfg, fields.transformer, select_backend(device_type))  # data.objective (issue 12)
     check_alignment(cfg)  # train.objective: dpo / reward on preference data (issue 13)
+    notes: tuple[str, ...] = ()
     if check_files:
         _check_data(cfg)
         if check_checkpoint:
-            _check_checkpoint(cfg)
+            notes = _check_checkpoint(cfg) or ()
     t = cfg.train
     batch = BatchPlan(int(t.micro_batch_size), int(t.global_batch_size),
                       int(t.global_batch_size) // (int(t.micro_batch_size) * layout.dp), int(t.seq_length))
     return RunPlan(freeze_config(cfg), tuple(overrides), device_type, select_backend(device_type), layout, batch,
-                   fields, str(cfg.data.format))
+                   fields, str(cfg.data.format), resume_notes=notes)
 
 
 def preflight(cfg: DictConfig, world_size: Optional[int] = None, overrides: Sequence[str] = (),
@@ -261,8 +290,11 @@ def preflight(cfg: DictConfig, world_size: Optional[int] = None, overrides: Sequ
         stages = []
         for name, stage_overrides in plan_stage_overrides(cfg, overrides, compose_config):
             stage_cfg = compose_config(stage_overrides)
-            # a stage's own checkpoint is checked when the chain reaches it (it may not exist yet)
-            stages.append(StagePlan(name, tuple(stage_overrides),
-                                    _plan_one(stage_cfg, world, stage_overrides, check_files, check_checkpoint=False)))
+            # where a stage starts is decided when the chain reaches it; a stage that will resume from
+            # its own (unfinished) checkpoint goes through the resume policy now
+            stage_plan = _plan_one(stage_cfg, world, stage_overrides, check_files, check_checkpoint=False)
+            if check_files:
+                stage_plan = dataclasses.replace(stage_plan, resume_notes=_stage_resume_policy(stage_cfg, name))
+            stages.append(StagePlan(name, tuple(stage_overrides), stage_plan))
     return dataclasses.replace(stages[-1].plan, config=freeze_config(cfg), overrides=tuple(overrides),
                                stages=tuple(stages))

@@ -17,15 +17,17 @@ dict of tensors of shape ``[seq_length]``:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import numbers
 import os
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-__all__ = ["BlendError", "parse_blend", "build_pretrain_datasets", "blend_token_shares"]
+__all__ = ["BlendError", "parse_blend", "data_identity", "build_pretrain_datasets", "blend_token_shares"]
 
 logger = logging.getLogger(__name__)
 blend_logger = logging.getLogger("megaglm.data")  # the realized per-source token shares
@@ -104,24 +106,17 @@ def parse_blend(blend: Sequence[Any]) -> tuple[list[str], Optional[list[float]]]
 
 
 def _check_split_documents(prefixes: Sequence[str], vector: Sequence[float], split: str) -> None:
-    """megatron-core 0.16.1 loops forever building a split with no documents: refuse it up front.
-
-    Mirrors ``BlendedMegatronDatasetBuilder``: each prefix's sequences are cut at
-    ``round(bookend * n)`` of the cumulative split shares.
-    """
+    """megatron-core 0.16.1 loops forever building a split with no documents: refuse it up front
+    (documents cut as its builder cuts them, :func:`megaglm.data.splits.split_ranges`)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megaglm.data.splits import split_ranges
+
     names = ("train", "valid", "test")
-    bounds = [0.0]
-    for share in vector:
-        bounds.append(bounds[-1] + share)
     for prefix in prefixes:
         n = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
-        for i, share in enumerate(vector):
-            if share == 0:
-                continue
-            docs = int(round(bounds[i + 1] * n)) - int(round(bounds[i] * n))
-            if docs <= 0:
+        for i, (lo, hi) in enumerate(split_ranges(n, split)):
+            if vector[i] > 0 and hi <= lo:
                 raise BlendError(
                     f"data.split={split!r} leaves the {names[i]} split of {prefix} ({n} documents) "
                     f"with no documents: give that split a larger share (e.g. data.split='8,1,1'), a "
@@ -192,6 +187,31 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
+def data_identity(prefixes: Sequence[str]) -> str:
+    """A key for the index caches of these indexed datasets that changes when their content does: a hash
+    of every prefix's path, ``.idx`` bytes (document and sequence lengths, pointers) and ``.bin`` size.
+
+    megatron-core keys its cached sample / shuffle indices by the dataset's path and settings, not its
+    content, so a dataset rebuilt at the same prefix would reuse stale indices (an ``IndexError`` for a
+    smaller one; for a larger one only the old documents sampled, silently). Under this key a rebuilt
+    prefix gets new indices.
+
+    Returns:
+        16 hex digits (a subdirectory name of ``<data.cache_dir>/gpt_index_cache``).
+
+    Raises:
+        FileNotFoundError: a prefix without its ``.idx`` / ``.bin`` file.
+    """
+    h = hashlib.sha256()
+    for prefix in prefixes:
+        idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        h.update(os.path.abspath(prefix).encode() + b"\0" + str(bin_.stat().st_size).encode() + b"\0")
+        with open(idx, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def build_pretrain_datasets(
     data_cfg: Any,
     tokenizer: Any,
@@ -226,7 +246,6 @@ def build_pretrain_datasets(
     builds the index caches on rank 0 first, then the others load them).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     if int(seq_length) <= 0:
@@ -248,24 +267,23 @@ def build_pretrain_datasets(
         blend_list = [ensure_demo_dataset(cache_dir or "data_cache", tokenizer)]
     prefixes, weights = parse_blend(blend_list)
 
+    from megaglm.data.splits import split_shares
+
     split = str(_get(data_cfg, "split", "969,30,1"))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            vector = parse_and_normalize_split(split)
-        if not all(math.isfinite(v) for v in vector):
-            raise ValueError(split)
-    except (AssertionError, ValueError, ZeroDivisionError):
-        raise BlendError(
-            f"data.split={split!r}: expected up to three non-negative numbers with a positive sum, "
-            "e.g. '969,30,1'"
-        ) from None
+        vector = split_shares(split)
+    except ValueError as err:
+        raise BlendError(str(err)) from None
     _check_split_documents(prefixes, vector, split)
-    sizes = [None if share == 0 else (None if s is None else int(s)) for share, s in zip(vector, sizes)]
+    # an empty split: no size (megatron-core builds nothing), except that a weighted blend needs a number
+    # for every split (its builder asserts "size_is_none => weights_are_none"): 0
+    sizes = [(None if weights is None else 0) if share == 0 else (None if s is None else int(s))
+             for share, s in zip(vector, sizes)]
     if weights is not None and any(s is None for share, s in zip(vector, sizes) if share > 0):
         raise BlendError("a weighted data.blend needs a number of samples for every non-empty split")
 
-    path_to_cache = os.path.join(os.path.abspath(cache_dir), "gpt_index_cache") if cache_dir else None
+    path_to_cache = (os.path.join(os.path.abspath(cache_dir), "gpt_index_cache", data_identity(prefixes))
+                     if cache_dir else None)
     config = GPTDatasetConfig(
         random_seed=int(seed),
         sequence_length=int(seq_length),

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from megaglm.data.batching import MicroBatchIterator
-from megaglm.data.splits import split_ranges
+from megaglm.data.splits import split_ranges, split_shares
 from megaglm.parallel.alignment import seq_alignment
 
 __all__ = [
@@ -689,12 +689,21 @@ def build_sft_data(cfg: Any, tokenizer: Any, data_parallel_rank: int = 0, data_p
     stats["train"] = train_table.stats
     train = SFTDataset(src, train_table, **common)
     valid = None
+    if ranges[1][1] <= ranges[1][0] and split_shares(data.split)[1] > 0:
+        raise SFTDataError(
+            f"data.split={data.split!r} leaves the valid split of the {len(src)} conversations with none: "
+            "give that split a larger share (e.g. data.split='8,1,1'), a zero share to drop it, or use more data")
     if ranges[1][1] > ranges[1][0]:
         valid_table = prepare_sequences(src, seq_length, data.overlong, np.arange(*ranges[1]))
         stats["valid"] = valid_table.stats
         if len(valid_table):  # rows of seq_length (the loss does not depend on the batching)
             valid_common = dict(common, batching="pack" if data.batching == "pack" else "naive")
             valid = SFTDataset(src, valid_table, fixed_row_length=True, **valid_common)
+        elif int(cfg.train.eval_interval) > 0:
+            raise SFTDataError(
+                f"the valid split's {ranges[1][1] - ranges[1][0]} conversations were all dropped as longer than "
+                f"train.seq_length={seq_length} (data.overlong={data.overlong}): validation cannot run; use "
+                "data.overlong=truncate, a longer train.seq_length, or train.eval_interval=0")
 
     def make_iterator(ds: SFTDataset, consumed: int) -> SFTBatchIterator:
         return SFTBatchIterator(ds, b, G, data_parallel_rank, data_parallel_size, consumed)

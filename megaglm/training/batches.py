@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from megaglm.training.build import Run
+from megaglm.training.errors import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,12 @@ def _pretrain_data(run: Run, plan, consumed_train: int):
     t, G = plan.config.train, plan.batch.global_batch_size
     evals = int(t.train_iters) // max(int(t.eval_interval), 1) + 1 if t.eval_batches == "advance" else 1
     samples = (int(t.train_iters) * G, evals * int(t.eval_iters) * G, int(t.eval_iters) * G)
-    train_ds, valid_ds, _ = build_pretrain_datasets(plan.config.data, run.tokenizer, plan.batch.seq_length,
-                                                    int(t.seed), samples)
+    try:
+        train_ds, valid_ds, _ = build_pretrain_datasets(plan.config.data, run.tokenizer, plan.batch.seq_length,
+                                                        int(t.seed), samples)
+    except AssertionError as err:  # megatron-core's dataset builder asserts on settings a user chose
+        raise RunStopped(f"megatron-core's dataset builder refused data.blend={list(plan.config.data.blend)} / "
+                         f"data.split={plan.config.data.split!r}: {' '.join(str(err).split())[:300]}") from err
     # data.objective=glm: blank infilling over the same windows (megaglm/data/glm_objective.py)
     train_ds, valid_ds = wrap_datasets(plan.config.data, plan.config.model.position_embedding_type, run.tokenizer,
                                        plan.batch.seq_length, int(t.seed), train_ds, valid_ds)

@@ -233,6 +233,19 @@ def _unshare_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].detach().clone()
 
 
+def _override_group_lrs(optimizer, saved_schedule: dict, scheduler) -> None:
+    """With ``checkpoint.override_scheduler``: megatron-core's scheduler computes each step's LR from the
+    param group's own ``max_lr`` / ``min_lr``, which the optimizer state restored from the checkpoint; set
+    them to this run's values (keeping each group's ratio to the scheduler's, e.g. an LR multiplier)."""
+    old_max = float(saved_schedule.get("max_lr", saved_schedule.get("start_lr", scheduler.max_lr)) or 0.0)
+    old_min = float(saved_schedule.get("min_lr", scheduler.min_lr) or 0.0)
+    for group in optimizer.param_groups:
+        if "max_lr" in group:
+            group["max_lr"] = scheduler.max_lr * (group["max_lr"] / old_max if old_max else 1.0)
+        if "min_lr" in group:
+            group["min_lr"] = scheduler.min_lr * (group["min_lr"] / old_min if old_min else 1.0)
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -356,6 +369,8 @@ def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, *, model_
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
         if scheduler is not None and "opt_param_scheduler" in loaded:
+            if getattr(scheduler, "override_opt_param_scheduler", False):
+                _override_group_lrs(optimizer, loaded["opt_param_scheduler"], scheduler)
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     elif optimizer is not None:
         optimizer.reload_model_params()

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from megaglm.training.batches import Batches, build_batches
 from megaglm.training.build import Run, build_run, num_parameters
 from megaglm.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
+from megaglm.training.errors import RunStopped, this_rank
 from megaglm.training.flops import step_throughput
 from megaglm.training.lineage import stage_lineage
 from megaglm.training.metrics import MetricsLogger
@@ -70,7 +71,7 @@ def train(plan: RunPlan, on_step: Optional[Callable[[int], None]] = None) -> Tra
     for chunk in run.model:
         chunk.train()
     while state.iteration < plan.stop_iteration:
-        step = train_step(run, batches)
+        step = train_step(run, batches, state.iteration + 1)
         state.iteration += 1
         record_step(run, batches, metrics, state, step, result)
         if due(plan.config.train.eval_interval, state.iteration):
@@ -100,9 +101,20 @@ def restore(run: Run) -> LoopState:
     load_dir = ck.load_dir or ck.save_dir
     if not load_dir or latest_iteration(load_dir) is None:
         return LoopState()
-    res = load_checkpoint(load_dir, run.model, run.optimizer, run.scheduler, model_config=run.model_config_dict(),
-                          load_optimizer=ck.load_optimizer, load_rng=ck.load_rng)
+    try:
+        res = load_checkpoint(load_dir, run.model, run.optimizer, run.scheduler,
+                              model_config=run.model_config_dict(), load_optimizer=ck.load_optimizer,
+                              load_rng=ck.load_rng)
+    except (KeyError, RuntimeError, AssertionError) as err:  # dist_checkpointing's key / shape mismatches
+        detail = " ".join(str(err).split())
+        raise RunStopped(
+            f"rank {this_rank()}: the checkpoint in {load_dir} does not hold what this run's model and optimizer "
+            f"need ({type(err).__name__}: {detail[:300]}{'...' if len(detail) > 300 else ''}). Resume with the "
+            "settings it was written with, set checkpoint.load_optimizer=false to take its weights only, or use "
+            "a new run.output_dir (MEGAGLM_FULL_ERRORS=1 shows the traceback)") from err
     if run.is_logging_rank:
+        for note in run.plan.resume_notes:
+            print(note, flush=True)
         print(f"loaded {res.path}: iteration {res.iteration}, optimizer "
               f"{'restored' if res.loaded_optimizer else 'fresh'}, RNG "
               f"{'restored' if res.loaded_rng else 'not restored'}"

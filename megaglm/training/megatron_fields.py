@@ -129,8 +129,9 @@ def scheduler_fields(cfg: DictConfig) -> dict[str, Any]:
     ``train.lr_warmup_iters`` from 0 to ``train.lr``, then ``train.lr_decay_style`` (cosine: Loshchilov &
     Hutter 2017, SGDR) to ``train.min_lr`` at ``train.lr_decay_iters`` (default ``train_iters``);
     constant weight decay. On resume the checkpoint's schedule is used (megatron's
-    ``use_checkpoint_opt_param_scheduler``)."""
+    ``use_checkpoint_opt_param_scheduler``) unless ``checkpoint.override_scheduler=true``."""
     t = cfg.train
+    override = bool(cfg.checkpoint.get("override_scheduler", False)) if "checkpoint" in cfg else False
     decay_iters = int(t.lr_decay_iters or t.train_iters)
     return {
         "init_lr": 0.0,
@@ -143,8 +144,8 @@ def scheduler_fields(cfg: DictConfig) -> dict[str, Any]:
         "end_wd": float(t.weight_decay),
         "wd_incr_steps": max(int(t.train_iters), 1),
         "wd_incr_style": "constant",
-        "use_checkpoint_opt_param_scheduler": True,
-        "override_opt_param_scheduler": False,
+        "use_checkpoint_opt_param_scheduler": not override,
+        "override_opt_param_scheduler": override,
     }
 
 

@@ -101,6 +101,8 @@ class RunPlan:
         megatron: :class:`MegatronFields`.
         data_format: ``"pretrain"`` or ``"chat"``.
         stages: the stage chain (empty outside a staged run); each stage has its own plan.
+        resume_notes: what the resume policy decided about settings that differ from the checkpoint the
+            run resumes from (:mod:`megaglm.app.resume`), printed when it loads.
     """
 
     config: DictConfig
@@ -112,6 +114,7 @@ class RunPlan:
     megatron: MegatronFields
     data_format: str
     stages: tuple[StagePlan, ...] = field(default=())
+    resume_notes: tuple[str, ...] = field(default=())
 
     @property
     def cfg(self) -> DictConfig:

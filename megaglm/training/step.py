@@ -14,6 +14,7 @@ from megaglm.parallel.context_parallel import MicroBatchLayout, model_inputs, pr
 from megaglm.training.alignment import forward_step_for, prepare_step, reduce_metrics
 from megaglm.training.batches import Batches
 from megaglm.training.build import Run
+from megaglm.training.errors import NonFiniteGradients, is_non_finite, this_rank
 from megaglm.training.loss import masked_token_loss
 
 __all__ = ["StepResult", "make_forward_step", "run_schedule", "train_step", "reduce_loss"]
@@ -98,17 +99,33 @@ def run_schedule(run: Run, data_iterator, forward_only: bool, seq_length: Option
         forward_only=forward_only)
 
 
-def train_step(run: Run, batches: Batches) -> StepResult:
+def train_step(run: Run, batches: Batches, iteration: int = 0) -> StepResult:
     """Zero the gradient buffers, run the schedule forward and backward over this step's micro-batches,
     step the optimizer (megatron's, with clipping and its finite-gradient check) and, when the update
-    was applied, the LR scheduler."""
+    was applied, the LR scheduler.
+
+    Raises:
+        NonFiniteGradients: megatron-core found NaN / Inf gradients; the step's update was not applied
+            (``iteration`` is the step's number, for the message).
+    """
     t0 = time.time()
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    out = run_schedule(run, batches.train_iterator(), forward_only=False,
-                       seq_length=batches.step_seq_length)  # SFT sort / naive: this step's row length
-    update_ok, grad_norm, _ = run.optimizer.step()
+    try:
+        out = run_schedule(run, batches.train_iterator(), forward_only=False,
+                           seq_length=batches.step_seq_length)  # SFT sort / naive: this step's row length
+        update_ok, grad_norm, _ = run.optimizer.step()
+    except RuntimeError as err:
+        if not is_non_finite(err):
+            raise
+        t = run.plan.config.train
+        raise NonFiniteGradients(
+            f"iteration {iteration}, rank {this_rank()}: the gradients are not finite "
+            f"({str(err).splitlines()[0].split(': ', 1)[-1]}); the update was not applied and the run stopped. "
+            f"Lower train.lr (now {t.lr:g}) or raise train.lr_warmup_iters (now {t.lr_warmup_iters}), check "
+            "the data, and resume from the last checkpoint (MEGAGLM_FULL_ERRORS=1 shows megatron's traceback)"
+        ) from err
     if update_ok:
         run.scheduler.step(increment=1)
     return StepResult(reduce_loss(out), grad_norm, bool(update_ok), run.optimizer.param_groups[0]["lr"],

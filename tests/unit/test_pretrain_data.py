@@ -310,3 +310,39 @@ def test_two_ranks_gloo(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0 == r1  # same data on both ranks
     assert (tmp_path / "builds.txt").read_text().count("build") == 1  # built once, by rank 0
+
+
+def test_weighted_blend_with_an_empty_split(tmp_path, tok, small_dataset):
+    """A weighted blend and data.split with a zero share: megatron-core's builder asserted
+    (size_is_none => weights_are_none); the empty split is now built as nothing."""
+    prefix_a, _ = small_dataset
+    cfg = DataConfig(blend=[1, prefix_a, 1, prefix_a], split="100,0,0", cache_dir=str(tmp_path / "c"))
+    train, valid, test = build_pretrain_datasets(cfg, tok, 16, 1, (20, 0, 0))
+    assert len(train) == 20 and valid is None and test is None
+
+
+def test_rebuilt_prefix_gets_new_indices(tmp_path, tok):
+    """A dataset rebuilt at the same prefix never reuses the index cache of the old one (issue: 200 -> 20
+    documents gave megatron's IndexError; 20 -> 200 silently sampled only the first 20 documents)."""
+    from megaglm.data.pretrain import data_identity
+
+    prefix, cache = str(tmp_path / "p"), str(tmp_path / "cache")
+    cfg = DataConfig(blend=[prefix], split="90,10,0", cache_dir=cache)
+
+    def build(n_docs: int, tag: str):
+        jl = tmp_path / f"{tag}.jsonl"
+        jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(n_docs, tag=tag)))
+        preprocess([jl], prefix, tok, progress=False)
+        return build_pretrain_datasets(cfg, tok, 16, 1, (64, 8, 0))
+
+    big_train, _, _ = build(200, "big")
+    key_big = data_identity([prefix])
+    small_train, _, _ = build(20, "small")  # fewer documents at the same prefix
+    key_small = data_identity([prefix])
+    assert key_big != key_small
+    assert sorted(p.name for p in (tmp_path / "cache" / "gpt_index_cache").iterdir()) == sorted([key_big, key_small])
+    docs_seen = {tok.decode(small_train[i]["tokens"].tolist()).split(":")[0] for i in range(len(small_train))}
+    assert all("small" in d for d in docs_seen if d.startswith("Document"))  # no stale sample of the old data
+    big_again, _, _ = build(200, "big")  # back to the first content: its cached indices are valid again
+    assert data_identity([prefix]) == key_big
+    assert [big_again[i]["tokens"].tolist() for i in range(8)] == [big_train[i]["tokens"].tolist() for i in range(8)]
