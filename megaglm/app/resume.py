@@ -17,7 +17,8 @@ difference in one of three classes:
   Adam's betas and epsilon live in the optimizer state (torch's ``Optimizer.load_state_dict``) unless
   ``checkpoint.load_optimizer=false``. Reported in one line with the way to override.
 * **refused** (:data:`REFUSE`): the checkpoint cannot continue this run: another architecture, another
-  tokenizer, another parameter dtype or data format with the optimizer state. One line naming the keys and
+  tokenizer, another parameter dtype, optimizer-state format (distributed optimizer on / off) or data
+  format with the optimizer state. One line naming the keys and
   the way out (``checkpoint.load_optimizer=false`` for the weights only, a new ``run.output_dir``, or the
   checkpoint's value).
 
@@ -146,6 +147,10 @@ def classify(key: str, saved: Any, current: Any, load_optimizer: bool, override_
         return d(REFUSE, "the optimizer state was saved for the checkpoint's dtype: set "
                          "checkpoint.load_optimizer=false to start a fresh optimizer from these weights, or keep "
                          f"precision.params_dtype={saved}")
+    if key == "parallel.use_distributed_optimizer":
+        return d(REFUSE, "the optimizer state's format differs with and without the distributed optimizer: set "
+                         "checkpoint.load_optimizer=false to start a fresh optimizer from these weights, or keep "
+                         f"parallel.use_distributed_optimizer={saved}")
     if key == "data.format":
         return d(REFUSE, "the data position of another data format means nothing here: set "
                          "checkpoint.load_optimizer=false to fine-tune from these weights")

@@ -81,6 +81,9 @@ def test_refusals_name_the_keys_and_the_way_out():
         assert [d.key for d in rep.of(REFUSE)] == [key], rep
     rep = _decide({"data.format": "chat"})
     assert rep.refused and "fine-tune from these weights" in rep.refusal()
+    rep = _decide({"parallel.use_distributed_optimizer": True})
+    assert rep.refused and "keep parallel.use_distributed_optimizer=False" in rep.refusal()
+    assert not _decide({"parallel.use_distributed_optimizer": True, "checkpoint.load_optimizer": False}).refused
 
 
 def test_layout_batch_and_data_changes_continue_and_say_what_happens():
