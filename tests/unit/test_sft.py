@@ -310,3 +310,24 @@ def test_bad_settings():
         SFTDataset(src, table, 16, 4, batching="sort")
     with pytest.raises(SFTDataError, match="multiple"):
         SFTDataset(src, table, 18, 2, pad_multiple=4)
+
+
+@pytest.mark.parametrize("batching", ["pack", "sort", "naive"])
+def test_batch_size_change_on_resume_is_well_defined(batching):
+    """After ``train.global_batch_size`` changes on resume, the data position is the number of samples
+    consumed and the order is the new settings' order from there: the resumed iterator yields exactly the
+    rows ``c, c+1, ...`` of the dataset built with the new G, and the rest of the epoch repeats no
+    conversation (``pack`` and ``naive`` orders do not depend on G at all; ``sort`` re-plans its
+    length buckets with the new G)."""
+    old, new, c, b = 8, 16, 3 * 8, 4  # three steps of G=8 done, then G=16 in micro-batches of 4
+    ds_old, ds_new = _dataset(batching, G=old), _dataset(batching, G=new)
+    (step,) = _steps(ds_new, b, new, 1, 1, consumed=c)
+    for m, mb in enumerate(step[0]):
+        want = collate_sft([ds_new[c + m * b + j] for j in range(b)], ds_new.weighting, batching == "pack")
+        assert mb.keys() == want.keys()
+        for k in mb:
+            assert torch.equal(torch.as_tensor(mb[k]), torch.as_tensor(want[k])), (batching, m, k)
+    if batching in ("pack", "naive"):
+        assert [ds_old.members(i) for i in range(60)] == [ds_new.members(i) for i in range(60)]
+    seen = [m for i in range(c, len(ds_new)) for m in ds_new.members(i)]
+    assert len(seen) == len(set(seen))
