@@ -72,6 +72,7 @@ from megaglm.launch.ray_placement import (
     rank_env,
     wait_for_placement,
 )
+from megaglm.launch.restart_budget import RestartBudget
 
 __all__ = ["RankWorker", "Heartbeats", "Outcome", "RayJob", "run_job", "main", "EXIT_OK",
            "EXIT_USER_ERROR", "EXIT_FAILED"]
@@ -226,11 +227,8 @@ class RankWorker:
                 return failed("user_error", f"cannot compose the run config: {str(err).splitlines()[0]}")
             configure_output(bool(cfg.logging.verbose), self.rank)
             plan = preflight(cfg, self.world_size, spec["overrides"])
-            resumed = None
             if spec.get("resume"):
-                plan, resumed = resume_plan(plan)
-            if attempt > 0 and self.rank == 0:
-                _record_restart(plan.config, attempt, resumed or 0)
+                plan, _ = resume_plan(plan)
             beat(-1, "setting up")
             result = run(plan, on_step=beat)
         except USER_ERRORS as err:
@@ -480,6 +478,8 @@ class RayJob:
             if snap != last_snapshot:
                 last_snapshot = snap
                 last_change = now
+                if snap and any(it >= 0 for it, _ in snap.values()):
+                    self.progressed = True
                 if not announced_recovery and snap and any(it >= 0 for it, _ in snap.values()):
                     announced_recovery = True
                     first = max(it for it, _ in snap.values())
@@ -517,13 +517,62 @@ class RayJob:
                 found = f"iteration {it}" + (f" of stage {name}" if name else "")
         return found
 
-    def run(self) -> int:
-        """Attempts until the run finishes, fails on input, or runs out of restarts. Returns the exit
-        status."""
+    def _latest(self) -> tuple[Optional[str], Optional[int], Any]:
+        """``(stage, iteration, plan)`` of the latest complete checkpoint (the last stage holding one, for
+        a chain); iteration None when the run has not saved one."""
+        if self.plan is None:
+            return None, None, None
+        from megaglm.training.checkpointing import latest_iteration
+
+        stages = [(s.name, s.plan) for s in self.plan.stages] or [(None, self.plan)]
+        found: tuple[Optional[str], Optional[int], Any] = (stages[0][0], None, stages[0][1])
+        for name, plan in stages:
+            save_dir = plan.config.checkpoint.save_dir
+            try:
+                it = latest_iteration(save_dir) if save_dir else None
+            except (OSError, ValueError):
+                it = None
+            if it is not None:
+                found = (name, it, plan)
+        return found
+
+    def _progress(self) -> Optional[str]:
+        """Where a restart resumes: the latest complete checkpoint (of the stage in progress, for a chain)."""
+        name, it, _ = self._latest()
+        return None if it is None else f"iteration {it}" + (f" of stage {name}" if name else "")
+
+    def _record_restart(self, total: int) -> None:
+        """``ray/restarts`` = ``total`` at the iteration the run resumes from, in the run's (or the stage's)
+        TensorBoard and metrics.jsonl, written by the driver: every restart is recorded, even one whose
+        attempt dies before its rank 0 could log anything."""
+        _, it, plan = self._latest()
+        if plan is None:
+            return
+        try:
+            _record_restart(plan.config, total, it or 0)
+        except OSError as err:  # the output directory is not visible from the driver's node
+            _say(f"could not record the restart in {plan.config.logging.metrics_file}: {err}")
+
+    def _budget(self) -> RestartBudget:
         c = self.cfg
+        if getattr(self, "budget", None) is None:
+            self.budget = RestartBudget(int(c.max_restarts), getattr(c, "restart_window_s", None),
+                                        float(c.restart_backoff_s), float(c.restart_backoff_max_s),
+                                        float(getattr(c, "healthy_interval_s", 600.0)))
+        return self.budget
+
+    def run(self) -> int:
+        """Attempts until the run finishes, fails on input, or spends its restart budget
+        (:class:`~megaglm.launch.restart_budget.RestartBudget`). Returns the exit status."""
+        c = self.cfg
+        budget = self._budget()
+        window = getattr(c, "restart_window_s", None)
+        per = f" within {window:g} s" if window else ""
         t_job = time.monotonic()
         attempt = 0
         while True:
+            started = time.monotonic()
+            self.progressed = False
             out = self._attempt(attempt, resume=attempt > 0)
             if out.kind == "ok":
                 r0 = out.results.get(0, {})
@@ -544,19 +593,21 @@ class RayJob:
             if out.kind == "error":
                 print(f"{PROG}: rank {out.rank}{out.where} failed:\n{out.message.rstrip()}", file=sys.stderr,
                       flush=True)
-            if self.restarts >= c.max_restarts:
-                _error(f"giving up after {self.restarts} restart(s) (launcher.max_restarts="
-                       f"{c.max_restarts}); last failure: {out.headline()}")
+            decision = budget.on_failure(time.monotonic(), started, healthy=bool(getattr(self, "progressed", False)))
+            if not decision.restart:
+                _error(f"giving up after {self.restarts} restart(s): {decision.in_window} restart(s){per} reach "
+                       f"launcher.max_restarts={c.max_restarts}; last failure: {out.headline()}")
                 return EXIT_FAILED
-            self.restarts += 1
+            self.restarts = decision.total
             attempt += 1
-            backoff = min(c.restart_backoff_s * 2 ** (self.restarts - 1), c.restart_backoff_max_s)
             where = self._progress()
             frm = (f"the latest complete checkpoint ({where})" if where is not None
                    else "the latest complete checkpoint, if any")
-            _say(f"restart {self.restarts}/{c.max_restarts} in {backoff:g} s after {out.headline()}; "
-                 f"resuming from {frm}")
-            self.sleep(backoff)
+            note = " (backoff reset: the attempt had been healthy)" if decision.reset else ""
+            _say(f"restart {decision.in_window}/{c.max_restarts}{per} in {decision.backoff_s:g} s{note} after "
+                 f"{out.headline()}; resuming from {frm}")
+            self._record_restart(decision.total)
+            self.sleep(decision.backoff_s)
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:

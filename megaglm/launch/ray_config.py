@@ -41,10 +41,13 @@ class RayLauncherConfig:
             joining, an autoscaler) before failing with what is missing.
         hang_timeout_s: a run attempt in which no rank finishes an iteration for this long (startup,
             rendezvous and checkpoint loading included) is stopped as hung.
-        max_restarts: how many times a failed attempt (a worker or node lost, a process-group error or
-            timeout, a hang) is torn down and restarted from the latest complete checkpoint.
-        restart_backoff_s: wait before the first restart; doubled for each further one.
+        max_restarts: how many times within ``restart_window_s`` a failed attempt (a worker or node lost, a
+            process-group error or timeout, a hang) is torn down and restarted from the latest complete
+            checkpoint (:class:`megaglm.launch.restart_budget.RestartBudget`).
+        restart_window_s: the window the restart budget counts over, seconds; ``null``: the whole run.
+        restart_backoff_s: wait before a restart; doubled for each consecutive failure.
         restart_backoff_max_s: the longest wait between restarts.
+        healthy_interval_s: an attempt that made progress for this long resets the backoff.
         master_port: rank 0's rendezvous port; ``null``: a free port found on rank 0's node.
         workdir: directory the driver and every worker run in (relative paths in the run config resolve
             there); ``null``: the job's own working directory.
@@ -63,8 +66,10 @@ class RayLauncherConfig:
     placement_timeout_s: float = 120.0
     hang_timeout_s: float = 1800.0
     max_restarts: int = 3
+    restart_window_s: Optional[float] = 3600.0
     restart_backoff_s: float = 10.0
     restart_backoff_max_s: float = 300.0
+    healthy_interval_s: float = 600.0
     master_port: Optional[int] = None
     workdir: Optional[str] = None
     env: dict[str, str] = field(default_factory=dict)

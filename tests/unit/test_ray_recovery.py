@@ -129,8 +129,8 @@ def test_restarts_run_out(capsys):
     job = make_job(FakeRay(), max_restarts=1)
     scripted(job, [Outcome("died", "lost", 3, " on h"), Outcome("died", "lost again", 3, " on h")])
     assert job.run() == EXIT_FAILED and job.restarts == 1
-    assert "error: giving up after 1 restart(s) (launcher.max_restarts=1); last failure: rank 3 on h: " \
-           "died: lost again" in capsys.readouterr().err
+    assert "error: giving up after 1 restart(s): 1 restart(s) reach launcher.max_restarts=1; last failure: " \
+           "rank 3 on h: died: lost again" in capsys.readouterr().err
 
 
 def test_input_and_placement_errors_stop_at_once(capsys):
@@ -141,3 +141,67 @@ def test_input_and_placement_errors_stop_at_once(capsys):
     job = make_job(FakeRay())
     calls = scripted(job, [Outcome("placement", "could not place the workers ...")])
     assert job.run() == EXIT_FAILED and calls == [(0, False)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the restart budget: a rate, with a backoff that forgets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_budget_is_a_rate_and_the_backoff_resets_after_a_healthy_stretch():
+    from megaglm.launch.restart_budget import RestartBudget
+
+    b = RestartBudget(max_restarts=3, window_s=3600, backoff_s=10, backoff_max_s=300, healthy_s=600)
+    day = 86400.0
+    # four failures days apart: every one restarts (the old lifetime count gave up at the fourth),
+    # and each after a long healthy attempt waits the base backoff
+    for k in range(4):
+        d = b.on_failure(now=k * day + 5000, attempt_started=k * day, healthy=True)
+        assert (d.restart, d.backoff_s, d.in_window, d.total) == (True, 10.0, 1, k + 1)
+        assert d.reset  # each attempt ran 5000 s > healthy_s and made progress
+    # a crash loop: failures right after start, seconds apart -> doubling from the last healthy failure's
+    # base wait, then out of budget
+    t = 10 * day
+    waits = []
+    for _ in range(3):
+        d = b.on_failure(now=t + 5, attempt_started=t, healthy=False)
+        waits.append(d.backoff_s)
+        t += 5 + d.backoff_s
+    assert waits == [20.0, 40.0, 80.0] and d.in_window == 3
+    d = b.on_failure(now=t + 5, attempt_started=t, healthy=False)
+    assert not d.restart and d.in_window == 3 and b.total == 7
+    # an hour later the window has room again, and the backoff keeps doubling (no healthy attempt)
+    d = b.on_failure(now=t + 4000, attempt_started=t + 3990, healthy=False)
+    assert d.restart and d.in_window == 1 and d.backoff_s == 160.0
+
+
+def test_budget_over_the_whole_run_and_bad_settings():
+    from megaglm.launch.restart_budget import RestartBudget
+
+    b = RestartBudget(max_restarts=2, window_s=None, backoff_s=1, backoff_max_s=3, healthy_s=1e9)
+    assert [b.on_failure(k * 1e6, k * 1e6).restart for k in range(3)] == [True, True, False]
+    with pytest.raises(ValueError, match="restart_window_s"):
+        RestartBudget(3, window_s=0)
+
+
+def test_driver_records_every_restart_itself(tmp_path, capsys):
+    """The driver writes ray/restarts at the resumed iteration, whether or not the attempt gets as far as
+    logging (here no attempt logs anything)."""
+    import json
+
+    from megaglm.app.run import plan_run
+
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    (ck / "iter_0000006").mkdir(parents=True)
+    (ck / "latest_checkpointed_iteration.txt").write_text("6")
+    job = make_job(FakeRay(), world=1, restart_window_s=3600, healthy_interval_s=600)
+    job.plan = plan_run([f"run.output_dir={out}", "logging.tensorboard_dir=null"], 1, check_files=False)
+    scripted(job, [Outcome("died", "lost", 0, " on h"), Outcome("hang", "stuck"),
+                   Outcome("ok", results={0: {"iteration": 8, "train_losses": {}}})])
+    assert job.run() == EXIT_OK
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["ray/restarts"]) for r in recs] == [(6, 1), (6, 2)]
+    text = capsys.readouterr().out
+    assert "restart 1/3 within 3600 s in 1 s after rank 0 on h: died: lost; resuming from the latest complete " \
+           "checkpoint (iteration 6)" in text
