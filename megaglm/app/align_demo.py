@@ -10,7 +10,8 @@ Steps (each one of megaglm's own commands, run as a subprocess; ``--quick`` shri
 
 1. data (:mod:`megaglm.data.align_demo`): docstring questions, split by module into SFT examples,
    Self-Contrast prompts and held-out prompts; ``megaglm-preprocess --format chat`` for the SFT part;
-2. SFT of the ``tiny`` preset on the questions (``megaglm-train data=longalign``, packed rows);
+2. SFT of the ``tiny`` preset on the questions (``megaglm-train data=longalign``, 8 packed rows of 128
+   tokens per step);
 3. ``megaglm-generate --self-contrast 4``: four samples per prompt from the SFT model (temperature 1,
    top-p 0.95), the reference answer chosen, the most dissimilar sample rejected, for the Self-Contrast
    prompts (training pairs) and the held-out prompts (evaluation pairs);
@@ -51,8 +52,8 @@ def _sizes(quick: bool) -> dict:
     if quick:
         return {"sft": 400, "contrast": 24, "heldout": 16, "sft_iters": 10, "dpo_iters": 4, "save": 2, "samples": 2,
                 "new_tokens": 16}
-    return {"sft": 4000, "contrast": 160, "heldout": 80, "sft_iters": 120, "dpo_iters": 60, "save": 15, "samples": 4,
-            "new_tokens": 32}
+    return {"sft": 4000, "contrast": 160, "heldout": 80, "sft_iters": 150, "dpo_iters": 60, "save": 15, "samples": 4,
+            "new_tokens": 24}
 
 
 def run(out: Path, quick: bool = False) -> dict:
@@ -68,7 +69,7 @@ def run(out: Path, quick: bool = False) -> dict:
     counts = write_demo_files(data, {"sft": z["sft"], "contrast": z["contrast"], "heldout": z["heldout"]})
     times["data"] = _run(["megaglm.data.preprocess", "--format", "chat", "--input", str(data / "sft.jsonl"),
                           "--output-prefix", str(data / "sft")], logs / "preprocess_sft.log") + time.time() - t0
-    common = ["model=tiny", "run.device=cpu", "logging.log_interval=10", "train.seq_length=256",
+    common = ["model=tiny", "run.device=cpu", "logging.log_interval=10", "train.seq_length=128",
               "train.micro_batch_size=4", "train.global_batch_size=8", "checkpoint.save_interval=0"]
     times["sft"] = _run(["megaglm.train", *common, "data=longalign", f"data.blend=[{data / 'sft'}]",
                          "data.split='98,2,0'", f"train.train_iters={z['sft_iters']}", "train.lr=3e-3",

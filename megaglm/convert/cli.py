@@ -6,7 +6,7 @@
         [--tensor-model-parallel-size N] [--pipeline-model-parallel-size N] \\
         [--virtual-pipeline-model-parallel-size N] [--dtype auto|fp32|bf16|fp16]
     megaglm-ckpt convert megaglm-to-hf --input CKPT_DIR --output HF_DIR --format {glm,chatglm,chatglm_6b} \\
-        [--max-shard-size 5GB] [--dtype fp32|bf16|fp16] [--vocab-size N]
+        [--max-shard-size 5GB] [--dtype fp32|bf16|fp16] [--vocab-size N] [--no-tokenizer]
     megaglm-ckpt reshard --input CKPT_DIR --output NEW_DIR --tensor-model-parallel-size N \\
         [--pipeline-model-parallel-size N] [--virtual-pipeline-model-parallel-size N] \\
         [--data-parallel-size N] [--use-distributed-optimizer | --no-distributed-optimizer] [--no-optimizer]
@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                      help="dtype of the written weights (default: the checkpoint's)")
     m2h.add_argument("--vocab-size", type=_positive, default=None,
-                     help="embedding rows to keep (default: the size recorded at conversion, else all)")
+                     help="embedding rows to keep (default: the run's tokenizer size for a checkpoint megaglm "
+                     "trained, the size recorded at conversion for one converted from HF, else all)")
+    m2h.add_argument("--no-tokenizer", action="store_true",
+                     help="do not write the run's tokenizer files (tokenizer.json, tokenizer_config.json)")
 
     rs = sub.add_parser("reshard", help="megaglm checkpoint -> the same at another TP/PP/DP layout")
     rs.add_argument("--input", required=True, help="megaglm checkpoint (save_dir or iter_NNNNNNN)")
@@ -126,7 +129,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from megaglm.convert.megaglm_to_hf import megaglm_to_hf
 
-        res = megaglm_to_hf(args.input, args.output, args.format, args.max_shard_size, args.dtype, args.vocab_size)
+        res = megaglm_to_hf(args.input, args.output, args.format, args.max_shard_size, args.dtype, args.vocab_size,
+                            tokenizer=not args.no_tokenizer)
         print(f"{PROG}: wrote {res.output} ({res.format}, {len(res.files)} safetensors file(s), "
               f"vocab {res.vocab_size}, {res.dtype}, {res.bytes_out / 2 ** 20:,.1f} MiB in {res.seconds:.1f} s)")
         return 0

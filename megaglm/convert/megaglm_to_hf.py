@@ -111,6 +111,29 @@ def _base_config(meta: dict, fmt: str) -> Optional[dict]:
     return None
 
 
+def _run_tokenizer(iter_dir: Path, meta: dict):
+    """The tokenizer a megaglm-trained checkpoint's run used (from its ``run_config.yaml``), or None for a
+    checkpoint converted from Hugging Face (its own tokenizer is not known here) or without a run config."""
+    from megaglm.training.checkpointing import CONFIG_FILE
+
+    if any(isinstance(e, dict) and e.get("source_config") is not None for e in meta.get("lineage") or []):
+        return None
+    path = iter_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    import yaml
+
+    from megaglm.data.tokenizer import build_tokenizer
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    tok_cfg = (cfg.get("data") or {}).get("tokenizer") or {}
+    try:
+        return build_tokenizer(tok_cfg)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{path}: the run's tokenizer {tok_cfg} cannot be loaded here ({err}); "
+                              "export with --no-tokenizer for the weights and config only") from None
+
+
 class _OwnGroup:
     """A 1-rank gloo group for megatron's loader when the process has none (torch_dist loads collectively)."""
 
@@ -154,8 +177,15 @@ def _load_slices(iter_dir: Path, wanted: list[tuple[str, str, Optional[int], tup
 
 def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: str = "glm",
                   max_shard_size: str | int = "5GB", dtype: Optional[str] = None,
-                  vocab_size: Optional[int] = None, measure: bool = False) -> ExportResult:
+                  vocab_size: Optional[int] = None, measure: bool = False, tokenizer: bool = True) -> ExportResult:
     """Write a megaglm checkpoint's model weights as a Hugging Face directory.
+
+    For a checkpoint megaglm trained (not converted from Hugging Face), the directory is usable as is in
+    the Hugging Face ecosystem: the vocabulary is cut to the run's tokenizer (padded rows are no tokens),
+    ``config.json`` carries the tokenizer's pad / bos / eos ids (eos = GLM-4's turn-ending ids),
+    ``generation_config.json`` makes ``generate`` stop where GLM-4 stops, and (``glm`` format) the tokenizer
+    files with GLM-4's chat template are written (:mod:`megaglm.convert.hf_tokenizer`), so
+    ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained(DIR)`` need no other argument.
 
     Args:
         input: a megaglm checkpoint: a ``save_dir`` (its latest iteration) or an ``iter_NNNNNNN`` directory.
@@ -166,6 +196,7 @@ def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: s
         vocab_size: embedding rows to keep (default: the size recorded when the checkpoint was converted from
             Hugging Face, else all rows).
         measure: record peak memory in the result.
+        tokenizer: write the run's tokenizer files (megaglm-trained checkpoints, ``glm`` format).
 
     Returns:
         :class:`ExportResult`.
@@ -194,6 +225,11 @@ def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: s
         raise ConversionError(f"{iter_dir}: no embedding.word_embeddings.weight; not a GLM model checkpoint")
     emb = index["embedding.word_embeddings.weight"]
     rows = int(emb.global_shape[0])
+    run_tok = _run_tokenizer(iter_dir, meta)
+    if run_tok is not None and run_tok.vocab_size > rows:
+        run_tok = None  # not this model's tokenizer (a run config that does not describe the weights)
+    if vocab_size is None and run_tok is not None:
+        vocab_size = run_tok.vocab_size  # the padded rows are no tokens
     ext_vocab = _external_vocab(meta, rows, vocab_size)
     dims = GlmDims.from_model_config(model_cfg, vocab_size=ext_vocab, padded_vocab_size=rows)
     plan = fmt.plan(dims)
@@ -201,6 +237,10 @@ def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: s
     try:
         check_tensors(plan, available, dims, ignored_patterns=(), where=str(iter_dir), side="megatron")
         base = _base_config(meta, format)
+        if run_tok is not None:
+            from megaglm.convert.hf_tokenizer import token_ids_for_config
+
+            base = {**(base or {}), **token_ids_for_config(run_tok)}
         if dtype and dtype not in _DTYPE_NAMES:
             raise ConversionError(f"--dtype {dtype!r}: expected fp32, bf16 or fp16")
         out_dtype = getattr(torch, _DTYPE_NAMES[dtype]) if dtype else emb.dtype
@@ -244,5 +284,11 @@ def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: s
             if probe is not None:
                 probe.__exit__(None, None, None)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if run_tok is not None:
+            from megaglm.convert.hf_tokenizer import generation_config, write_hf_tokenizer
+
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config(run_tok), indent=2) + "\n")
+            if tokenizer and format == "glm":
+                files = files + write_hf_tokenizer(run_tok, tmp, int(model_cfg.max_position_embeddings))
     return ExportResult(Path(output), format, files, ext_vocab, str(out_dtype).replace("torch.", ""),
                         writer.bytes_written, time.time() - t0, probe.report() if probe is not None else None)
