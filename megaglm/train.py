@@ -39,8 +39,9 @@ def _teardown() -> None:
 def train_from_overrides(overrides: Sequence[str]) -> int:
     """Plan and run ``megaglm-train <overrides>`` on this rank; returns the exit status (0 or 2)."""
     from megaglm.app.compose import compose_config
+    from megaglm.app.output import configure_output
     from megaglm.app.preflight import preflight
-    from megaglm.app.run import configure_output, result_line, run
+    from megaglm.app.run import result_line, run
 
     try:
         cfg = compose_config(overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -161,6 +162,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--n", type=int, default=200, help="held-out windows to score")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
+    from megaglm.app.output import configure_output
+
+    configure_output()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's ShardedTensor notices on load
     try:
         if args.cmd == "sft-tasks":
             print(json.dumps(_sft_tasks(run_dir, args.n), indent=1))

@@ -8,16 +8,15 @@ stage chain, exactly as ``megaglm-train stage=...`` does).
 
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any, Callable, Optional, Sequence
 
 from megaglm.app.compose import compose_config
+from megaglm.app.output import configure_output
 from megaglm.app.preflight import preflight
 from megaglm.training.loop import TrainResult, train
 from megaglm.training.plan import RunPlan
 
-__all__ = ["plan_run", "run", "configure_output", "result_line"]
+__all__ = ["plan_run", "run", "result_line", "configure_output"]
 
 
 def plan_run(overrides: Sequence[str] = (), world_size: Optional[int] = None, check_files: bool = True) -> RunPlan:
@@ -48,27 +47,6 @@ def run(plan: RunPlan, on_step: Optional[Callable[[int], None]] = None) -> Train
 
         return run_stage_chain(plan, train, _evaluate_stage, on_step)
     return train(plan, on_step)
-
-
-def configure_output(verbose: bool = False, rank: Optional[int] = None, log_format: bool = True) -> None:
-    """Start-up output a newcomer can read: megaglm's INFO lines on rank 0 (WARNING elsewhere), and
-    megatron-core's notices (its Megatron-FSDP detection lines, "Implicit initialization of Rerun State
-    Machine", deprecation warnings of settings megaglm does not use) shown only when ``verbose``
-    (``logging.verbose=true``); megatron-core's errors always show. ``log_format=False`` leaves the
-    root logger as it is (the checkpoint tools print their own lines)."""
-    from megaglm.app.errors import launcher_world
-
-    rank = launcher_world()[0] if rank is None else rank
-    if log_format:
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.INFO if verbose else logging.ERROR)
-    if not verbose:
-        for category in (DeprecationWarning, FutureWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=category, module=r"megatron(\.|$)")
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def result_line(result: Any) -> Optional[str]:

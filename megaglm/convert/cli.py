@@ -33,7 +33,7 @@ EXIT_USER_ERROR = 2
 def quiet_warnings() -> None:
     """megaglm's quiet start-up for the tools (:func:`megaglm.app.run.configure_output`): megatron-core's
     import-time notices, deprecations and torch's FutureWarnings are not shown."""
-    from megaglm.app.run import configure_output
+    from megaglm.app.output import configure_output
 
     configure_output(verbose=False, log_format=False)
 

@@ -297,7 +297,7 @@ def _rank_entry(rank: int, fn: Callable, args: tuple, world: int, port: int, err
                       MASTER_PORT=str(port))
     import torch
 
-    from megaglm.app.run import configure_output
+    from megaglm.app.output import configure_output
 
     configure_output(verbose=False, log_format=False)
     torch.set_num_threads(threads)

@@ -214,8 +214,9 @@ class RankWorker:
                 sys.path.insert(0, workdir)
         from megaglm.app.compose import compose_config
         from megaglm.app.errors import USER_ERRORS
+        from megaglm.app.output import configure_output
         from megaglm.app.preflight import preflight
-        from megaglm.app.run import configure_output, run
+        from megaglm.app.run import run
 
         beat(-1, "starting")
         try:
