@@ -191,3 +191,41 @@ def test_packed_training_path_equals_trl_on_transformers(loss_type):
         assert rep[key] == pytest.approx(m[trl_key], rel=1e-5, abs=1e-5), key
     # TRL's loss is the mean over pairs; ours is the sum (megatron divides by the global pair count)
     assert torch.allclose(grad / P, policy.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_reward_model_path_equals_bradley_terry_on_transformers():
+    """Reward model: the scalar head is the output row of <|endoftext|> at a sequence's last token; the
+    packed forward step's loss is the mean of -log sigmoid(r_c - r_r) computed from transformers' logits of
+    each sequence alone, with the same gradient on that row."""
+    from megaglm.data.preference import PreferenceDataset, PreferenceSource, collate_pairs, prepare_pairs
+    from megaglm.parallel.context_parallel import MicroBatchLayout
+    from megaglm.training.alignment import make_pair_forward_step
+
+    row = 3  # any real id serves as the head in this test (the product uses <|endoftext|>)
+    hf = random_glm(glm_config(vocab=VOCAB, max_pos=64), seed=13)
+    pairs = _pairs(seed=2)
+    src = PreferenceSource.from_pairs(pairs)
+    ds = PreferenceDataset(src, prepare_pairs(src, 64, mode="reward"), 64, seed=0, pad_id=0, mode="reward")
+    batch = collate_pairs([ds[i] for i in range(len(ds))])
+    order = batch["pair_ids"].tolist()
+    rewards = []
+    for k in order:
+        for ids, _ in pairs[k]:  # the whole sequence; the reward is read at its last token
+            rewards.append(hf(input_ids=torch.as_tensor(ids)[None]).logits[0, -1, row])
+    r = torch.stack(rewards).view(-1, 2)
+    want = bradley_terry_loss(r[:, 0], r[:, 1]).mean()
+    want.backward()
+    P = len(order)
+    with single_rank_megatron(seed=1234):
+        ours, _ = megatron_from_hf(hf, 1024)
+        ours.train()
+        output, loss_fn = make_pair_forward_step(MicroBatchLayout(), "reward", reward_row=row)(iter([batch]), ours)
+        loss_sum, count, report = loss_fn(output)
+        loss_sum.backward()
+        grad = ours.output_layer.weight.grad[row].clone()
+    assert int(count) == P
+    assert (loss_sum / P).item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(report["rewards"].float(), r.detach(), atol=1e-5)
+    acc = report["reward/accuracy"]
+    assert (acc[0] / acc[1]).item() == pytest.approx((r[:, 0] > r[:, 1]).float().mean().item())
+    assert torch.allclose(grad / P, hf.lm_head.weight.grad[row], atol=1e-6, rtol=1e-4)
