@@ -3,7 +3,7 @@ pairs -> DPO, and the policy's preference accuracy on held-out pairs as DPO trai
 
 ::
 
-    python -m megaglm.app.align_demo run runs/align-demo        # everything (~15 min on 2 CPU cores)
+    python -m megaglm.app.align_demo run runs/align-demo        # everything (CPU, one rank)
     python -m megaglm.app.align_demo eval runs/align-demo       # the held-out table again
 
 Steps (each one of megaglm's own commands, run as a subprocess; ``--quick`` shrinks every step):
@@ -52,7 +52,7 @@ def _sizes(quick: bool) -> dict:
     if quick:
         return {"sft": 400, "contrast": 24, "heldout": 16, "sft_iters": 10, "dpo_iters": 4, "save": 2, "samples": 2,
                 "new_tokens": 16}
-    return {"sft": 4000, "contrast": 160, "heldout": 80, "sft_iters": 150, "dpo_iters": 60, "save": 15, "samples": 4,
+    return {"sft": 4000, "contrast": 96, "heldout": 64, "sft_iters": 80, "dpo_iters": 40, "save": 10, "samples": 4,
             "new_tokens": 24}
 
 
