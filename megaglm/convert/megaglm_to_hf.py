@@ -289,6 +289,6 @@ def megaglm_to_hf(input: str | os.PathLike, output: str | os.PathLike, format: s
 
             (tmp / "generation_config.json").write_text(json.dumps(generation_config(run_tok), indent=2) + "\n")
             if tokenizer and format == "glm":
-                files = files + write_hf_tokenizer(run_tok, tmp, int(model_cfg.max_position_embeddings))
+                write_hf_tokenizer(run_tok, tmp, int(model_cfg.max_position_embeddings))
     return ExportResult(Path(output), format, files, ext_vocab, str(out_dtype).replace("torch.", ""),
                         writer.bytes_written, time.time() - t0, probe.report() if probe is not None else None)
