@@ -195,16 +195,21 @@ class GLMCoreAttention(MegatronModule):
         ``[sum(lengths), B, g, d]`` in natural order; ``prefix``: int64 ``[B]`` bidirectional prefix
         lengths (one sequence per row), or None (causal). Returns ``[t_local, B, n, d]``.
         """
+        def rows(t: Tensor, start: int, stop: int) -> Tensor:
+            # no slice when it is the whole tensor: a slice's backward allocates a zero tensor of the input's
+            # size and copies the gradient into it (same values, measured cost on CPU steps)
+            return t if start == 0 and stop == t.shape[0] else t[start:stop]
+
         outs = []
         q_off = 0
         k_off = 0
         for p in lengths:
-            kd, vd = k_full[k_off:k_off + p], v_full[k_off:k_off + p]
+            kd, vd = rows(k_full, k_off, k_off + p), rows(v_full, k_off, k_off + p)
             visible = visible_keys(p, cp_size, cp_rank)  # keys each local query chunk may see
             chunk = chunk_length(p, cp_size)
             positions = zigzag_positions(p, cp_size, cp_rank)
-            pieces = [(q[q_off + i * chunk:q_off + (i + 1) * chunk], kv_len, positions[i * chunk:(i + 1) * chunk])
-                      for i, kv_len in enumerate(visible)]
+            pieces = [(rows(q, q_off + i * chunk, q_off + (i + 1) * chunk), kv_len,
+                       positions[i * chunk:(i + 1) * chunk]) for i, kv_len in enumerate(visible)]
             q_off += chunk * len(visible)
             for qc, kv_len, qpos in pieces:
                 mask = None
@@ -214,12 +219,12 @@ class GLMCoreAttention(MegatronModule):
                     mask = prefix_mask(qpos.to(prefix.device), kv_len, prefix)
                 # [L, B, n, d] -> [B, n, L, d]
                 qq = qc.permute(1, 2, 0, 3)
-                kk = kd[:kv_len].permute(1, 2, 0, 3)
-                vv = vd[:kv_len].permute(1, 2, 0, 3)
+                kk = rows(kd, 0, kv_len).permute(1, 2, 0, 3)
+                vv = rows(vd, 0, kv_len).permute(1, 2, 0, 3)
                 o = self._sdpa(qq, kk, vv, "top_left" if kv_len == qc.shape[0] else "bottom_right", mask)
                 outs.append(o.permute(2, 0, 1, 3))
             k_off += p
-        return torch.cat(outs, dim=0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _gather_kv(self, k: Tensor, v: Tensor, lengths: list[int], cp_size: int):
         """All-gather K and V over the CP group (autograd-aware) and restore the natural order."""
