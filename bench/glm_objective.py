@@ -8,10 +8,10 @@
     GLM-130B sec. 2.3) and once without (alpha = 1, N(0, 0.02) init). Loss curve and largest gradient
     norm of each -> ``deepnorm_<date>.md`` / ``.json``.
 
-``python bench/glm_objective.py demo [--iters 300]``
-    The tiny first-generation model (``tiny_chatglm6b``: 2D RoPE, post-LN) trained on the stdlib corpus once
+``python bench/glm_objective.py demo [--iters 300] [--model tiny|tiny_chatglm6b]``
+    The tiny model (``tiny`` with 2D RoPE, or a preset such as ``tiny_chatglm6b``) trained on the stdlib corpus once
     with ``data.objective=glm`` and once with ``data.objective=causal`` (same windows, same seed, same
-    steps), then ``megaglm-eval glm-tasks`` on held-out windows of each -> ``glm_demo_<date>.md`` / ``.json``.
+    steps), then ``megaglm-eval glm-tasks`` on held-out windows of each -> ``glm_demo_<model>_<date>.md``.
 
 Extra Hydra overrides after ``--`` go to every training run. Not a timed test: a record of what this
 machine measured.
@@ -67,7 +67,8 @@ def deepnorm(args, extra: list[str]) -> dict:
 
 
 def demo(args, extra: list[str]) -> dict:
-    common = ["model=tiny_chatglm6b", f"train.train_iters={args.iters}", "train.micro_batch_size=4",
+    model = ["model=tiny", "model.position_embedding_type=rope_2d"] if args.model == "tiny" else [f"model={args.model}"]
+    common = [*model, f"train.train_iters={args.iters}", "train.micro_batch_size=4",
               "train.global_batch_size=4", "train.seq_length=128", "train.eval_interval=0",
               "checkpoint.save_interval=0", *extra]
     runs = {}
@@ -82,7 +83,7 @@ def demo(args, extra: list[str]) -> dict:
         loss = _series(rows, "train/lm_loss")
         runs[objective] = {"eval": json.loads((out / "eval" / "glm_tasks.json").read_text()), "seconds": secs,
                            "final_loss": loss[max(loss)] if loss else None}
-    return {"what": "demo", "iters": args.iters, "overrides": common, "runs": runs}
+    return {"what": "demo", "model": args.model, "iters": args.iters, "overrides": common, "runs": runs}
 
 
 def _md(res: dict) -> str:
@@ -106,7 +107,7 @@ def _md(res: dict) -> str:
             lines.append(f"- {n}: largest grad norm {r['max_grad_norm']:.3g} (step {r['max_grad_norm_step']}), "
                          f"{r['seconds']:.0f} s")
     else:
-        lines += [f"# GLM objective vs causal: tiny_chatglm6b, {res['iters']} steps of 4 x 128 tokens", "",
+        lines += [f"# GLM objective vs causal: {res.get('model')}, {res['iters']} steps of 4 x 128 tokens", "",
                   "| objective | final train loss | blank-infilling token acc. | spans right | majority baseline "
                   "| last-word acc. | last-word token acc. | held-out spans / words | train s |",
                   "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--eval-windows", type=int, default=200)
+    p.add_argument("--model", default="tiny", help="demo: tiny (GLM-4 shape with 2D RoPE) or a preset name")
     p.add_argument("--work", default="runs/bench_glm")
     args = p.parse_args(argv)
     if args.iters is None:
@@ -138,7 +140,7 @@ def main() -> None:
     res = deepnorm(args, extra) if args.what == "deepnorm" else demo(args, extra)
     res["date"] = datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{'deepnorm' if args.what == 'deepnorm' else 'glm_demo'}_{res['date']}"
+    stem = RESULTS / (f"deepnorm_{res['date']}" if args.what == "deepnorm" else f"glm_demo_{args.model}_{res['date']}")
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     stem.with_suffix(".md").write_text(_md(res))
     print(_md(res))
