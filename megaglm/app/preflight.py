@@ -215,6 +215,36 @@ def _resume_policy(cfg: DictConfig, path: str) -> tuple[str, ...]:
     return tuple(report.lines())
 
 
+def _prefer_own_checkpoint(cfg: DictConfig) -> tuple[DictConfig, tuple[str, ...]]:
+    """A run whose ``checkpoint.save_dir`` already holds a checkpoint continues from it -- with its
+    optimizer, schedule and data position -- rather than from a ``checkpoint.load_dir`` it started from
+    (fine-tuning from a base model, DPO from an SFT model): rerunning the same command after an interruption
+    resumes the run's own progress instead of starting it over. The Ray launcher's restarts rely on it.
+
+    Returns:
+        ``(config, notes)``: the config with ``checkpoint.load_dir=null`` and ``load_optimizer=true`` in
+        that case (a copy), and the line that says so.
+    """
+    from megaglm.training.checkpointing import latest_iteration
+
+    ck = cfg.checkpoint
+    if not ck.load_dir or not ck.save_dir or _same_dir(ck.load_dir, ck.save_dir):
+        return cfg, ()
+    try:
+        it = latest_iteration(ck.save_dir) if Path(ck.save_dir).is_dir() else None
+    except ValueError:
+        it = None
+    if it is None:
+        return cfg, ()
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    started_from = cfg.checkpoint.load_dir
+    cfg.checkpoint.load_dir = None
+    cfg.checkpoint.load_optimizer = True
+    return cfg, (f"resuming this run's own checkpoint (iteration {it} in checkpoint.save_dir={ck.save_dir}) "
+                 f"rather than checkpoint.load_dir={started_from}, where it started from; use a new "
+                 "run.output_dir to start over from there",)
+
+
 def _stage_resume_policy(stage_cfg: DictConfig, name: str) -> tuple[str, ...]:
     """The resume policy for a stage that has an unfinished checkpoint of its own (the chain resumes it)."""
     from megaglm.training.lineage import stage_status
@@ -251,7 +281,8 @@ def _plan_one(cfg: DictConfig, world: int, overrides: Sequence[str], check_files
     if check_files:
         _check_data(cfg)
         if check_checkpoint:
-            notes = _check_checkpoint(cfg) or ()
+            cfg, own = _prefer_own_checkpoint(cfg)
+            notes = own + (_check_checkpoint(cfg) or ())
     t = cfg.train
     batch = BatchPlan(int(t.micro_batch_size), int(t.global_batch_size),
                       int(t.global_batch_size) // (int(t.micro_batch_size) * layout.dp), int(t.seq_length))

@@ -288,6 +288,22 @@ def test_checkpoint_of_another_model_is_refused_naming_fields(tmp_path):
     preflight(compose_cfg([f"run.output_dir={tmp_path}", *FAST, f"checkpoint.load_dir={ck}"]))
 
 
+def test_own_checkpoint_wins_over_the_load_dir_it_started_from(tmp_path):
+    """Fine-tuning from a base (checkpoint.load_dir) and interrupted: rerunning the command resumes the
+    run's own checkpoint, with its optimizer, and says so; it does not start over from the base."""
+    base, own = tmp_path / "base", tmp_path / "run" / "checkpoints"
+    fake_checkpoint(base, 1, tiny_model())
+    ovs = [f"run.output_dir={tmp_path / 'run'}", *FAST, f"checkpoint.load_dir={base}",
+           "checkpoint.load_optimizer=false"]
+    first = preflight(compose_cfg(ovs), overrides=ovs)
+    assert first.config.checkpoint.load_dir == str(base) and first.resume_notes == ()
+    fake_checkpoint(own, 5, tiny_model())
+    again = preflight(compose_cfg(ovs), overrides=ovs)
+    assert again.config.checkpoint.load_dir is None and again.config.checkpoint.load_optimizer is True
+    assert again.resume_notes[0].startswith("resuming this run's own checkpoint (iteration 5")
+    assert f"rather than checkpoint.load_dir={base}" in again.resume_notes[0]
+
+
 def test_checkpoint_without_meta_is_refused(tmp_path):
     ck = tmp_path / "ck"
     (fake_checkpoint(ck, 3, tiny_model()) / "megaglm_meta.json").unlink()
