@@ -1,6 +1,6 @@
 """The first-generation GLM architecture (GLM-130B, ChatGLM-6B) as megatron-core 0.16.1 pieces.
 
-What differs from GLM-4 (``shared/DESIGN.md``) and how it is expressed:
+What differs from GLM-4 (``docs/design.md``, "GLM-4 facts") and how it is expressed:
 
 * **Post-LN with a residual scale alpha** (``model.norm_placement=post``). ChatGLM-6B's layer
   (``modeling_chatglm.py`` of THUDM/chatglm-6b, read for the equations only) computes, for a layer input
