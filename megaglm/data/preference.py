@@ -66,6 +66,7 @@ from megaglm.data.inputs import (
     strip_suffix,
 )
 from megaglm.data.sft import TARGETS_SUFFIX, SFTDataError, alignment_for, pack_sequences, round_up
+from megaglm.data.sft_preprocess import TokenTargetWriter
 from megaglm.data.splits import split_ranges
 
 __all__ = [
@@ -208,25 +209,17 @@ def preprocess_preference(inputs: Union[str, os.PathLike, Sequence], output_pref
         PreprocessError: a bad line (``file:line: ...``) without ``skip_bad_lines``; no pairs at all; a
             directory as prefix. Nothing is written then.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
     t0 = time.monotonic()
     files = collect_input_files(inputs)
     prefix = strip_suffix(os.fspath(output_prefix))
     if not Path(prefix).name or Path(prefix).is_dir():
         raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r} names a directory, not a dataset prefix")
-    out_dir = Path(prefix).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     summary = PreferencePreprocessSummary(prefix, dtype=np.dtype(dtype).name)
     skips = Skips()
-    tag = f".tmp{os.getpid()}"
-    name = Path(prefix).name
-    tmp = {s: out_dir / f".{name}{tag}{s}" for s in (".bin", ".idx", TARGETS_SUFFIX + ".bin",
-                                                      TARGETS_SUFFIX + ".idx", PREF_MANIFEST_SUFFIX)}
-    ids_b = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=dtype)
-    tg_b = IndexedDatasetBuilder(str(tmp[TARGETS_SUFFIX + ".bin"]), dtype=np.uint8)
-    try:
+    with TokenTargetWriter(prefix, dtype, PREF_MANIFEST_SUFFIX) as out:
         for path in files:
             for lineno, line in iter_utf8_lines(path):
                 where = f"{path}:{lineno}"
@@ -246,8 +239,7 @@ def preprocess_preference(inputs: Union[str, os.PathLike, Sequence], output_pref
                     raise PreprocessError(f"{where}: {problem[1]}. Fix the line, or pass --skip-bad-lines to skip "
                                           "(and count) such lines.")
                 for ids, targets in pair[:2]:
-                    ids_b.add_document(ids, [len(ids)])
-                    tg_b.add_document(targets.astype(np.uint8), [len(ids)])
+                    out.add(ids, targets)
                     summary.tokens += len(ids)
                     summary.target_tokens += int(targets.sum())
                 summary.documents += 1
@@ -256,22 +248,11 @@ def preprocess_preference(inputs: Union[str, os.PathLike, Sequence], output_pref
         if summary.documents == 0:
             raise PreprocessError(f"no preference pairs found in {len(files)} input file(s) (skipped: "
                                   f"{dict(skips.counts) or 'nothing'}); nothing written to {prefix}")
-        ids_b.finalize(str(tmp[".idx"]))
-        tg_b.finalize(str(tmp[TARGETS_SUFFIX + ".idx"]))
         summary.skipped, summary.skipped_examples = dict(skips.counts), skips.examples
         manifest = {"format": PREFERENCE_FORMAT_VERSION, "tokenizer": tokenizer.identity, "pairs": summary.documents,
                     "tokens": summary.tokens, "response_tokens": summary.target_tokens, "skipped": summary.skipped,
                     "skipped_examples": summary.skipped_examples, "inputs": [str(f) for f in files]}
-        tmp[PREF_MANIFEST_SUFFIX].write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        for suffix, p in tmp.items():
-            os.replace(p, prefix + suffix)
-    finally:
-        for b in (ids_b, tg_b):
-            if not b.data_file.closed:
-                b.data_file.close()
-        for p in tmp.values():
-            if p.exists():
-                p.unlink()
+        out.publish(manifest)
     summary.seconds = time.monotonic() - t0
     if log is not None:
         log(summary.format())

@@ -96,6 +96,56 @@ def iter_chat_jsonl(path: Path, json_key: str = "messages"):
         yield lineno, obj[json_key], None
 
 
+class TokenTargetWriter:
+    """Writes token documents and their target flags (``<prefix>.bin/.idx`` and
+    ``<prefix>_targets.bin/.idx``, megatron indexed datasets) plus a JSON manifest, all under temporary
+    names in the prefix's directory; :meth:`publish` renames them together when complete, and leaving the
+    ``with`` block without publishing (an error) removes them, so nothing half-written is ever seen.
+
+    Args:
+        prefix: the output prefix (its directory is created).
+        dtype: token dtype (megatron's ``DType.optimal_dtype`` of the vocabulary).
+        manifest_suffix: the manifest's suffix (``.chat.json``, ``.pref.json``).
+    """
+
+    def __init__(self, prefix: str, dtype: Any, manifest_suffix: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = prefix
+        out_dir, name = Path(prefix).parent, Path(prefix).name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp{os.getpid()}"
+        self.tmp = {s: out_dir / f".{name}{tag}{s}" for s in (".bin", ".idx", TARGETS_SUFFIX + ".bin",
+                                                              TARGETS_SUFFIX + ".idx", manifest_suffix)}
+        self.manifest_suffix = manifest_suffix
+        self.ids = IndexedDatasetBuilder(str(self.tmp[".bin"]), dtype=dtype)
+        self.targets = IndexedDatasetBuilder(str(self.tmp[TARGETS_SUFFIX + ".bin"]), dtype=np.uint8)
+
+    def add(self, ids: np.ndarray, targets: np.ndarray) -> None:
+        """One document: token ids ``[n]`` and their target flags ``[n]`` (bool / 0-1)."""
+        self.ids.add_document(ids, [len(ids)])
+        self.targets.add_document(np.asarray(targets).astype(np.uint8), [len(ids)])
+
+    def publish(self, manifest: dict) -> None:
+        """Finish the datasets, write the manifest and rename everything to its final name."""
+        self.ids.finalize(str(self.tmp[".idx"]))
+        self.targets.finalize(str(self.tmp[TARGETS_SUFFIX + ".idx"]))
+        self.tmp[self.manifest_suffix].write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        for suffix, path in self.tmp.items():
+            os.replace(path, self.prefix + suffix)
+
+    def __enter__(self) -> "TokenTargetWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for b in (self.ids, self.targets):
+            if not b.data_file.closed:
+                b.data_file.close()
+        for path in self.tmp.values():
+            if path.exists():
+                path.unlink()
+
+
 def preprocess_chat(
     inputs: Union[PathLike, Sequence[PathLike]],
     output_prefix: PathLike,
@@ -127,7 +177,7 @@ def preprocess_chat(
         PreprocessError: a bad line (``file:line: ...``) without ``skip_bad_lines``, a non-UTF-8 file, no
             conversations at all, a bad argument. Nothing is written then.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
     t0 = time.monotonic()
     if overlong not in OVERLONG_POLICIES:
@@ -141,18 +191,10 @@ def preprocess_chat(
     if not Path(prefix).name or prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():
         raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r} names a directory, not a "
                               "dataset prefix; give a file-name prefix, e.g. data/my_chat")
-    out_dir = Path(prefix).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     summary = ChatPreprocessSummary(prefix, dtype=np.dtype(dtype).name)
     skips = Skips()
-    name = Path(prefix).name
-    tag = f".tmp{os.getpid()}"
-    tmp = {s: out_dir / f".{name}{tag}{s}" for s in (".bin", ".idx", TARGETS_SUFFIX + ".bin",
-                                                      TARGETS_SUFFIX + ".idx", MANIFEST_SUFFIX)}
-    ids_b = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=dtype)
-    tg_b = IndexedDatasetBuilder(str(tmp[TARGETS_SUFFIX + ".bin"]), dtype=np.uint8)
-    try:
+    with TokenTargetWriter(prefix, dtype, MANIFEST_SUFFIX) as out:
         for path in files:
             for lineno, messages, problem in iter_chat_jsonl(path, json_key):
                 where = f"{path}:{lineno}"
@@ -180,8 +222,7 @@ def preprocess_chat(
                     summary.truncated += 1
                     if len(summary.truncated_examples) < 3:
                         summary.truncated_examples.append(where)
-                ids_b.add_document(ids, [len(ids)])
-                tg_b.add_document(targets.astype(np.uint8), [len(ids)])
+                out.add(ids, targets)
                 summary.documents += 1
                 summary.tokens += len(ids)
                 summary.target_tokens += int(targets.sum())
@@ -191,8 +232,6 @@ def preprocess_chat(
         if summary.documents == 0:
             raise PreprocessError(f"no conversations found in {len(files)} input file(s) (skipped: "
                                   f"{dict(skips.counts) or 'nothing'}); nothing written to {prefix}")
-        ids_b.finalize(str(tmp[".idx"]))
-        tg_b.finalize(str(tmp[TARGETS_SUFFIX + ".idx"]))
         summary.skipped = dict(skips.counts)
         summary.skipped_examples = skips.examples
         manifest = {
@@ -209,16 +248,7 @@ def preprocess_chat(
             "skipped_examples": summary.skipped_examples,
             "inputs": [str(f) for f in files],
         }
-        tmp[MANIFEST_SUFFIX].write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        for suffix, path in tmp.items():
-            os.replace(path, prefix + suffix)
-    finally:
-        for b in (ids_b, tg_b):
-            if not b.data_file.closed:
-                b.data_file.close()
-        for path in tmp.values():
-            if path.exists():
-                path.unlink()
+        out.publish(manifest)
     summary.seconds = time.monotonic() - t0
     if log is not None:
         log(summary.format())

@@ -500,24 +500,6 @@ class RayJob:
 
     # ---- the job -----------------------------------------------------------------------------------
 
-    def _progress(self) -> Optional[str]:
-        """Where a restart resumes: the latest complete checkpoint (of the stage in progress, for a chain)."""
-        if self.plan is None:
-            return None
-        from megaglm.training.checkpointing import latest_iteration
-
-        stages = [(s.name, s.plan) for s in self.plan.stages] or [(None, self.plan)]
-        found = None
-        for name, plan in stages:
-            save_dir = plan.config.checkpoint.save_dir
-            try:
-                it = latest_iteration(save_dir) if save_dir else None
-            except (OSError, ValueError):
-                it = None
-            if it is not None:
-                found = f"iteration {it}" + (f" of stage {name}" if name else "")
-        return found
-
     def _latest(self) -> tuple[Optional[str], Optional[int], Any]:
         """``(stage, iteration, plan)`` of the latest complete checkpoint (the last stage holding one, for
         a chain); iteration None when the run has not saved one."""
