@@ -126,6 +126,23 @@ class GLMObjectiveConfig:
 
 
 @dataclass
+class ChatDemoConfig:
+    """The LongAlign CPU demo's conversations (:mod:`megaglm.data.sft_demo`), built once under
+    ``data.cache_dir`` when ``data.format=chat``, ``data.blend`` is empty and ``data.demo_corpus=true``.
+
+    ``max_tokens`` bounds a conversation (LongAlign-like lengths scaled to it); the task weights draw each
+    conversation's task (pass key in a source window, line lookup, both, a tool call)."""
+
+    conversations: int = 2000
+    max_tokens: int = 512
+    seed: int = 1234
+    passkey: float = 0.5
+    line: float = 0.25
+    multi: float = 0.1
+    tool: float = 0.15
+
+
+@dataclass
 class DataConfig:
     """Training data: megatron indexed datasets (``<prefix>.bin`` / ``<prefix>.idx``), for pretraining
     (``format: pretrain``) or chat SFT (``format: chat``, LongAlign packing / sorted batching).
@@ -138,6 +155,7 @@ class DataConfig:
     blend: list[Any] = field(default_factory=list)
     split: str = "969,30,1"
     demo_corpus: bool = True
+    chat_demo: ChatDemoConfig = field(default_factory=ChatDemoConfig)
     cache_dir: str = "data_cache"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 0

@@ -48,6 +48,7 @@ __all__ = [
     "build_demo_conversations",
     "ensure_sft_demo_dataset",
     "chat_blend",
+    "demo_settings",
     "held_out_conversations",
     "main",
 ]
@@ -191,8 +192,22 @@ def make_conversation(path: Path, lines: list[str], tokenizer: Any, target_token
     return {"task": task, "module": module, "answer": answer, "messages": system + msgs}
 
 
+def _task_mix(tasks: Optional[dict[str, float]]) -> dict[str, float]:
+    """The task weights (default :data:`TASKS`), checked.
+
+    Raises:
+        ValueError: an unknown task, a negative weight, or no positive weight (naming ``data.chat_demo``).
+    """
+    mix = dict(TASKS if tasks is None else tasks)
+    unknown = sorted(set(mix) - set(TASKS))
+    if unknown or any(float(w) < 0 for w in mix.values()) or sum(float(w) for w in mix.values()) <= 0:
+        raise ValueError(f"data.chat_demo task weights {mix}: expected non-negative weights of "
+                         f"{', '.join(TASKS)} with a positive sum")
+    return {k: float(w) for k, w in mix.items() if float(w) > 0}
+
+
 def build_demo_conversations(out_jsonl: Path, tokenizer: Any, n: int = 2000, max_tokens: int = 512,
-                             seed: int = 1234) -> dict[str, int]:
+                             seed: int = 1234, tasks: Optional[dict[str, float]] = None) -> dict[str, int]:
     """Write ``n`` demo conversations to ``out_jsonl`` (one ``{"messages", "task", "answer", "module"}``
     per line): tasks drawn with the weights of :data:`TASKS`, lengths from :func:`longalign_like_lengths`
     (scaled to ``max_tokens``, at least 64).
@@ -202,7 +217,8 @@ def build_demo_conversations(out_jsonl: Path, tokenizer: Any, n: int = 2000, max
     """
     rng = random.Random(seed)
     lengths = longalign_like_lengths(n, max_tokens, np.random.default_rng(seed), min_len=64)
-    tasks, weights = list(TASKS), list(TASKS.values())
+    mix = _task_mix(tasks)
+    tasks, weights = list(mix), list(mix.values())
     files = stdlib_sources()
     if not files:
         raise RuntimeError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']}")
@@ -224,20 +240,23 @@ def build_demo_conversations(out_jsonl: Path, tokenizer: Any, n: int = 2000, max
     return counts
 
 
-def sft_demo_dir(cache_dir: str, tokenizer: Any, n: int, max_tokens: int, seed: int) -> Path:
+def sft_demo_dir(cache_dir: str, tokenizer: Any, n: int, max_tokens: int, seed: int,
+                 tasks: Optional[dict[str, float]] = None) -> Path:
     """Where the demo dataset for these settings lives (keyed by everything its content depends on)."""
     material = {"format": DEMO_FORMAT_VERSION, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"],
                 "tokenizer": tokenizer.identity, "n": n, "max_tokens": max_tokens, "seed": seed}
+    if tasks is not None and _task_mix(tasks) != _task_mix(None):
+        material["tasks"] = _task_mix(tasks)
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser().resolve() / f"longalign-demo-{tokenizer.type}-{key}"
 
 
 def ensure_sft_demo_dataset(cache_dir: str, tokenizer: Any, n: int = 2000, max_tokens: int = 512,
-                            seed: int = 1234) -> str:
+                            seed: int = 1234, tasks: Optional[dict[str, float]] = None) -> str:
     """Build (once, under a file lock; rank 0 first when ``torch.distributed`` runs) and return the
     prefix of the demo chat dataset (``megaglm-preprocess --format chat`` output of
     :func:`build_demo_conversations`; the JSONL stays beside it as ``conversations.jsonl``)."""
-    final = sft_demo_dir(cache_dir, tokenizer, n, max_tokens, seed)
+    final = sft_demo_dir(cache_dir, tokenizer, n, max_tokens, seed, tasks)
     prefix = final / DEMO_PREFIX_NAME
 
     def complete() -> bool:
@@ -253,7 +272,7 @@ def ensure_sft_demo_dataset(cache_dir: str, tokenizer: Any, n: int = 2000, max_t
             tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
             tmp.mkdir(parents=True, exist_ok=True)
             t0 = time.monotonic()
-            counts = build_demo_conversations(tmp / "conversations.jsonl", tokenizer, n, max_tokens, seed)
+            counts = build_demo_conversations(tmp / "conversations.jsonl", tokenizer, n, max_tokens, seed, tasks)
             summary = preprocess_chat([tmp / "conversations.jsonl"], str(tmp / DEMO_PREFIX_NAME), tokenizer)
             (tmp / "manifest.json").write_text(json.dumps(
                 {"tasks": counts, "conversations": summary.documents, "tokens": summary.tokens,
@@ -288,7 +307,16 @@ def chat_blend(data_cfg: Any, tokenizer: Any) -> list[str]:
     blend = [str(x) for x in (data_cfg.blend or [])]
     if blend or not data_cfg.demo_corpus:
         return blend
-    return [str(ensure_sft_demo_dataset(data_cfg.cache_dir or "data_cache", tokenizer))]
+    return [str(ensure_sft_demo_dataset(data_cfg.cache_dir or "data_cache", tokenizer, **demo_settings(data_cfg)))]
+
+
+def demo_settings(data_cfg: Any) -> dict[str, Any]:
+    """``ensure_sft_demo_dataset``'s keyword arguments from ``data.chat_demo`` (defaults without it)."""
+    d = data_cfg.get("chat_demo") if hasattr(data_cfg, "get") else getattr(data_cfg, "chat_demo", None)
+    if d is None:
+        return {}
+    return {"n": int(d.conversations), "max_tokens": int(d.max_tokens), "seed": int(d.seed),
+            "tasks": {k: float(d[k]) for k in TASKS}}
 
 
 def held_out_conversations(data_cfg: Any, tokenizer: Any, n: int) -> list[dict[str, Any]]:
@@ -296,7 +324,7 @@ def held_out_conversations(data_cfg: Any, tokenizer: Any, n: int) -> list[dict[s
     validation split when the test share is 0 (the records' order is the dataset's)."""
     from megaglm.data.splits import split_ranges
 
-    demo = Path(ensure_sft_demo_dataset(data_cfg.cache_dir, tokenizer)).parent
+    demo = Path(ensure_sft_demo_dataset(data_cfg.cache_dir, tokenizer, **demo_settings(data_cfg))).parent
     records = [json.loads(line) for line in (demo / "conversations.jsonl").read_text().splitlines()]
     ranges = split_ranges(len(records), data_cfg.split)
     lo, hi = ranges[2] if ranges[2][1] > ranges[2][0] else ranges[1]
