@@ -20,7 +20,9 @@ rotary_percent``, ``s`` sequence, ``V`` padded vocabulary:
   K ``a d + g d`` (with ``t > g`` megatron all-gathers the QKV output and each rank keeps one KV group: the
   whole ``(a + 2g) d`` and ``d`` for K);
 * the core attention's own saves: flash-style kernels keep the output and log-sum-exp, ``(a d + a)/t``,
-  on top of its inputs; the math kernel keeps the scaled Q, K and V expanded to the query heads and the
+  on top of its inputs (at CP 1 the attention runs in one piece and that output is the very tensor the
+  projection keeps as its input, so ``a d / t`` is counted once; CP's zigzag pieces are concatenated, a
+  copy); the math kernel keeps the scaled Q, K and V expanded to the query heads and the
   ``a x s`` probabilities, ``(3 a d + a s)/t``, instead of them (the probabilities are the ``5as/h`` term of
   Korthikanti et al.). Selective recompute keeps the inputs only;
 * outside the layers: the int64 token ids of the embedding (8 bytes, first stage); the final norm and
@@ -83,7 +85,7 @@ class LayerTerms:
 
 
 def layer_terms(model_cfg, seq_length: int, vocab: int, tp: int = 1, sp: bool = False,
-                recompute: str = "none", kernel: str = "flash") -> LayerTerms:
+                recompute: str = "none", kernel: str = "flash", cp: int = 1) -> LayerTerms:
     """Per-token saved elements of one layer and of the output part (module docstring), for one TP rank.
 
     Args:
@@ -91,6 +93,8 @@ def layer_terms(model_cfg, seq_length: int, vocab: int, tp: int = 1, sp: bool = 
         vocab: padded vocabulary (before the TP split).
         sp: sequence parallelism (ignored at TP 1).
         recompute: none | selective | full. kernel: flash (output + log-sum-exp) | math (probabilities).
+        cp: context parallelism; at CP 1 the core attention runs in one piece and its saved output is the
+            projection's input (one storage), at CP > 1 the zigzag pieces are concatenated (a copy).
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute {recompute!r}: expected one of {RECOMPUTE}")
@@ -109,7 +113,8 @@ def layer_terms(model_cfg, seq_length: int, vocab: int, tp: int = 1, sp: bool = 
     attention_inputs = qkv + a * d / t + k_rot  # QKV storage (V), rotated Q and K
     if kernel == "flash":
         own = (a * d + a) / t  # output + log-sum-exp
-        no_recompute = rest + attention_inputs + own
+        shared_output = a * d / t if int(cp) == 1 else 0.0  # the projection's input is the kernel's output
+        no_recompute = rest + attention_inputs + own - shared_output
     else:  # scaled Q, K and V expanded to the query heads, probabilities
         own = (3 * a * d + a * int(seq_length)) / t
         no_recompute = rest + own
@@ -129,7 +134,7 @@ def saved_activation_bytes(model_cfg, seq_length: int, vocab: int, micro_batch: 
     cross-entropy (fp32 softmax, int64 targets and a bool mask per token) when ``last_stage``. Layer terms
     are in ``act_bytes`` per element (4 fp32, 2 bf16). Formula: module docstring.
     """
-    terms = layer_terms(model_cfg, seq_length, vocab, tp, sp, recompute, kernel)
+    terms = layer_terms(model_cfg, seq_length, vocab, tp, sp, recompute, kernel, cp)
     n_layers = int(model_cfg.num_layers) if num_layers is None else int(num_layers)
     tokens = int(micro_batch) * int(seq_length) / int(cp)
     total = tokens * (n_layers * terms.layer * act_bytes + terms.rope_table * 4)
@@ -177,7 +182,7 @@ def activation_memory(model_cfg, seq_length: int, vocab: int, micro_batch: int, 
     """Peak activation memory of pipeline stage ``pp_rank`` (bytes; module docstring)."""
     v = 1 if vpp is None else int(vpp)
     layers_per_chunk = int(model_cfg.num_layers) // (pp * v)
-    terms = layer_terms(model_cfg, seq_length, vocab, tp, sp, recompute, kernel)
+    terms = layer_terms(model_cfg, seq_length, vocab, tp, sp, recompute, kernel, cp)
     tokens = int(micro_batch) * int(seq_length) / int(cp)
     chunks = in_flight_microbatches(pp, pp_rank, num_microbatches, vpp)
     saved = chunks * tokens * (layers_per_chunk * terms.layer * act_bytes + terms.rope_table * 4)
