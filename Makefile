@@ -8,7 +8,7 @@ STAMP := $(VENV)/.megaglm-installed
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
-.PHONY: demo data-demo test test-fast venv clean
+.PHONY: demo data-demo test test-fast bench venv clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ test: $(STAMP) $(RAY_STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
+
+# CPU benchmarks (training throughput megaglm vs transformers vs bare megatron-core with the GEMM limit, data
+# path, checkpoints): bench/results/<date>-<host>.md + .json. Run on an idle machine; BENCH_ARGS=--quick smoke-tests.
+bench: $(STAMP)
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache
