@@ -8,7 +8,7 @@ STAMP := $(VENV)/.megaglm-installed
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
-.PHONY: demo data-demo test test-fast bench venv clean
+.PHONY: demo data-demo test test-all test-fast bench venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ $(RAY_STAMP): $(STAMP)
 	touch $(RAY_STAMP)
 
 test: $(STAMP) $(RAY_STAMP)
+	$(PY) -m pytest -q -m "not extended" $(PYTEST_ARGS)
+
+# Everything, including the `extended` repeats (heavier variants of cases `make test` checks cheaply).
+test-all: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -13,8 +13,10 @@ from omegaconf.errors import MissingMandatoryValue
 __all__ = ["UserError", "USER_ERRORS", "EXIT_USER_ERROR", "launcher_world", "report_error", "full_errors"]
 
 EXIT_USER_ERROR = 2
-# How long a rank other than 0 waits before printing an error that rank 0 most likely reports too.
-NONZERO_RANK_GRACE_S = 3.0
+# How long a rank other than 0 waits before printing an error that rank 0 most likely reports too: long
+# enough for a rank 0 that starts seconds later on a loaded machine (3 s was measured too short on 2 busy
+# cores), short against the start-up of a job; torchrun stops this rank as soon as rank 0 exits.
+NONZERO_RANK_GRACE_S = 10.0
 
 
 class UserError(Exception):

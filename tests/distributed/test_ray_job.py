@@ -225,6 +225,7 @@ def test_sigkill_mid_run_restarts_from_checkpoint(ray_cluster, reference, text_d
           f"was detected; job ended {time.monotonic() - t_kill:.1f} s after the kill")
 
 
+@pytest.mark.extended  # the cheap form: test_bad_input's SIGKILL during a save, and the mid-run kill above
 def test_sigkill_during_checkpoint_write_resumes_from_previous(ray_cluster, reference, text_dataset,
                                                                tmp_path):
     out = tmp_path / "ray_kill_ckpt"

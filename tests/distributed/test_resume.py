@@ -12,7 +12,8 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize("layout_name,layout_overrides", [
     ("tp2", {"parallel.tensor_model_parallel_size": 2}),
     # the distributed optimizer over torch AdamW needs megaglm's bridges in checkpointing.py
-    ("dp2_distopt", {"parallel.use_distributed_optimizer": "true"}),
+    # (extended: the optimizer's state at a changed layout is checked by test_resume_changes / test_convert_layouts)
+    pytest.param("dp2_distopt", {"parallel.use_distributed_optimizer": "true"}, marks=pytest.mark.extended),
 ])
 def test_stop_and_resume_is_bitwise(layout_name, layout_overrides, text_dataset, tmp_path):
     layout = {**layout_overrides, "train.train_iters": 6, "checkpoint.save_interval": 3}
