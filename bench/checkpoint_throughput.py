@@ -21,13 +21,14 @@ MB/s = bytes of the checkpoint directory on disk / wall seconds (1 MB = 10^6 byt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timing import emit_json
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -117,10 +118,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    res = checkpoint_throughput(args.model, args.repeat)
-    print(json.dumps(res, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    emit_json(checkpoint_throughput(args.model, args.repeat), args.out)
 
 
 if __name__ == "__main__":

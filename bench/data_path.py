@@ -23,7 +23,6 @@ Writes nothing unless ``--out``; ``bench/run_all.py`` (``make bench``) folds the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from timing import best_seconds, emit_json
 
 REPO = Path(__file__).resolve().parents[1]
 for p in (str(REPO), str(REPO / "bench")):
@@ -39,13 +39,6 @@ for p in (str(REPO), str(REPO / "bench")):
         sys.path.insert(0, p)
 
 
-def _best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def tokenizer_throughput(megabytes: float = 4.0) -> dict:
@@ -77,10 +70,10 @@ def tokenizer_throughput(megabytes: float = 4.0) -> dict:
     res = {
         "text_mb": round(mb, 2), "documents": len(docs), "tokens": tokens, "threads_batched": threads,
         "documents_with_different_ids": differ, "hf_tokenizer_build_s": round(build_s, 1),
-        "megaglm_tiktoken_1thread_mb_s": mb / _best(lambda: [tok.encode(d) for d in docs]),
-        "hf_tokenizers_1thread_mb_s": mb / _best(lambda: [hf.encode(d, add_special_tokens=False) for d in docs]),
-        "megaglm_tiktoken_batch_mb_s": mb / _best(lambda: tok.encode_batch(docs, num_threads=threads)),
-        "hf_tokenizers_batch_mb_s": mb / _best(lambda: hf.encode_batch(docs, add_special_tokens=False)),
+        "megaglm_tiktoken_1thread_mb_s": mb / best_seconds(lambda: [tok.encode(d) for d in docs]),
+        "hf_tokenizers_1thread_mb_s": mb / best_seconds(lambda: [hf.encode(d, add_special_tokens=False) for d in docs]),
+        "megaglm_tiktoken_batch_mb_s": mb / best_seconds(lambda: tok.encode_batch(docs, num_threads=threads)),
+        "hf_tokenizers_batch_mb_s": mb / best_seconds(lambda: hf.encode_batch(docs, add_special_tokens=False)),
     }
     return res
 
@@ -101,6 +94,20 @@ def _pretrain_iterator(seq: int, mbs: int, gbs: int, micro_batches: int):
     return batches.train_iterator(), plan, tok
 
 
+def _time_micro_batches(iterator, layout, warmup: int, n: int) -> float:
+    """Seconds to make ``n`` micro-batches of ``iterator`` ready for the model (after ``warmup`` untimed)."""
+    import torch
+
+    from megaglm.parallel.context_parallel import prepare_micro_batch
+
+    for _ in range(warmup):
+        prepare_micro_batch(next(iterator), layout, torch.device("cpu"))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        prepare_micro_batch(next(iterator), layout, torch.device("cpu"))
+    return time.perf_counter() - t0
+
+
 def loader_throughput(micro_batches: int = 200, seq: int = 256, mbs: int = 4, gbs: int = 8,
                       sft_seq: int = 4096) -> dict:
     """Tokens/s of megaglm's pretraining and packed-SFT micro-batch paths, and of a raw memmap read."""
@@ -110,17 +117,12 @@ def loader_throughput(micro_batches: int = 200, seq: int = 256, mbs: int = 4, gb
     from megaglm.data.demo import ensure_demo_dataset
     from megaglm.data.sft import SFTBatchIterator, SFTDataset, prepare_sequences
     from megaglm.data.sft_demo import longalign_like_lengths
-    from megaglm.parallel.context_parallel import MicroBatchLayout, prepare_micro_batch
+    from megaglm.parallel.context_parallel import MicroBatchLayout
 
     layout = MicroBatchLayout(cp_size=1, cp_rank=0, seq_multiple=1, pipeline_parallel=False)
     out = {}
     it, plan, tok = _pretrain_iterator(seq, mbs, gbs, micro_batches + 10)
-    for _ in range(10):
-        prepare_micro_batch(next(it), layout, torch.device("cpu"))
-    t0 = time.perf_counter()
-    for _ in range(micro_batches):
-        prepare_micro_batch(next(it), layout, torch.device("cpu"))
-    dt = time.perf_counter() - t0
+    dt = _time_micro_batches(it, layout, warmup=10, n=micro_batches)
     out["pretrain_gptdataset"] = {"micro_batch": f"{mbs}x{seq}", "tokens_per_s": micro_batches * mbs * seq / dt,
                                   "ms_per_micro_batch": 1e3 * dt / micro_batches}
 
@@ -144,12 +146,7 @@ def loader_throughput(micro_batches: int = 200, seq: int = 256, mbs: int = 4, gb
                     pad_multiple=8, doc_align=1, pack_algorithm="best_fit")
     sft_it = SFTBatchIterator(ds, 1, 8, 0, 1, 0)
     n = min(micro_batches, len(ds.packs) - 8)
-    for _ in range(4):
-        prepare_micro_batch(next(sft_it), layout, torch.device("cpu"))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        prepare_micro_batch(next(sft_it), layout, torch.device("cpu"))
-    dt = time.perf_counter() - t0
+    dt = _time_micro_batches(sft_it, layout, warmup=4, n=n)
     out["sft_packed_longalign"] = {"micro_batch": f"1x{sft_seq} packed", "tokens_per_s": n * sft_seq / dt,
                                    "ms_per_micro_batch": 1e3 * dt / n,
                                    "sequences_per_pack": round(len(ds.table) / len(ds.packs), 2)}
@@ -177,10 +174,7 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=200)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    res = data_path(args.tokenizer_mb, args.micro_batches)
-    print(json.dumps(res, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    emit_json(data_path(args.tokenizer_mb, args.micro_batches), args.out)
 
 
 if __name__ == "__main__":

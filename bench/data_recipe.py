@@ -31,10 +31,10 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import best_seconds as best
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,15 +55,6 @@ def build_corpus(path: Path, n_docs: int) -> int:
         for i, t in enumerate(docs):
             f.write(json.dumps({"text": f"[{i}] {t}"}, ensure_ascii=False) + "\n")
     return len(docs)
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def tokenize_direct(path: Path, out: str) -> None:
