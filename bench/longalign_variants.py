@@ -15,7 +15,7 @@ The token budget is the same for every variant: the same number of steps, and fo
 a global batch of as many conversations as a packed step holds on average (so the real, non-padding
 tokens per step match; their padding costs wall time, which the table reports).
 
-    python bench/longalign_variants.py [--seeds 1 2] [--steps 300] [--demo-args ...]
+    python bench/longalign_variants.py [--seeds 1 2] [--steps 3000] [--demo-args ...]
 
 Writes ``bench/results/longalign_variants_<date>.md`` and ``.json``; each run under ``--work``.
 """
@@ -72,9 +72,9 @@ def evaluate(out: Path, n: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--packs", type=int, default=16, help="packs per step (the packed variants' global batch)")
-    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3000, help="default: the demo's (conf/train/sft_longalign_demo)")
+    p.add_argument("--packs", type=int, default=4, help="packs per step (the packed variants' global batch)")
+    p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--eval-n", type=int, default=300)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--work", default="/tmp/longalign_variants")
@@ -107,7 +107,8 @@ def main() -> None:
     tasks = sorted({t for r in results for t in r["by_task"]})
     lines = [f"# LongAlign batching / loss weighting on the CPU demo ({datetime.date.today()})", "",
              "`python bench/longalign_variants.py " + " ".join(sys.argv[1:]) + "`", "",
-             f"`tiny` preset, {args.steps} steps, rows of {args.seq_length} tokens; packed variants {args.packs} "
+             "`tiny` preset with `data=longalign_demo` (cl100k's first 4096 ranks, 20,000 conversations), "
+             f"{args.steps} steps, rows of {args.seq_length} tokens; packed variants {args.packs} "
              f"packs per step, sort / naive {round((per_pack or 0) * args.packs)} conversations per step (the "
              f"packs' {per_pack} conversations each); seeds {args.seeds}; held-out conversations scored by "
              "teacher-forced greedy decoding of the final answer (exact = every answer token is the argmax).", "",

@@ -97,10 +97,13 @@ class ParallelConfig:
 @dataclass
 class TokenizerConfig:
     """``type``: ``glm4`` (a GLM-4 ``tokenizer.model`` at ``model_file``) or ``cl100k_glm`` (offline
-    cl100k_base plus GLM's special tokens after it, the default)."""
+    cl100k_base plus GLM's special tokens after it, the default). ``max_ranks``: keep only the file's
+    first N BPE ranks, a smaller vocabulary from the same file (None: all; the CPU LongAlign demo uses
+    4096; :class:`megaglm.data.tokenizer.GLMTokenizer`)."""
 
     type: str = "cl100k_glm"
     model_file: Optional[str] = None
+    max_ranks: Optional[int] = None
 
 
 @dataclass

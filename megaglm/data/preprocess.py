@@ -17,7 +17,8 @@ an existing dataset at the prefix survives a failed run untouched.
 CLI::
 
     megaglm-preprocess --input FILE_OR_DIR [--input ...] --output-prefix PREFIX \\
-        [--tokenizer-type cl100k_glm|glm4] [--tokenizer-model PATH] [--json-key text] \\
+        [--tokenizer-type cl100k_glm|glm4] [--tokenizer-model PATH] [--tokenizer-max-ranks N] \\
+        [--json-key text] \\
         [--skip-bad-lines] [--workers N] [--processes N] [--quiet]
 
 ``--format chat`` reads conversations instead (``{"messages": [...]}`` per JSONL line) and writes a chat
@@ -137,7 +138,8 @@ def preprocess(
         tmp_bin.unlink()
         if bar is not None:
             bar.close()
-        spec = TokenizerSpec(getattr(tokenizer, "type", "cl100k_glm"), getattr(tokenizer, "model_file", None))
+        spec = TokenizerSpec(getattr(tokenizer, "type", "cl100k_glm"), getattr(tokenizer, "model_file", None),
+                             getattr(tokenizer, "max_ranks", None))
         r = tokenize_source([str(f) for f in files], prefix, spec, processes=processes, threads=workers,
                             json_key=json_key, skip_bad_lines=skip_bad_lines, skip_bad_utf8=False,
                             progress=progress)
@@ -199,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", default="cl100k_glm", choices=["cl100k_glm", "glm4"])
     p.add_argument("--tokenizer-model", default=None, metavar="PATH",
                    help="GLM-4 tokenizer.model (required for glm4)")
+    p.add_argument("--tokenizer-max-ranks", type=int, default=None, metavar="N",
+                   help="keep only the BPE file's first N ranks (= data.tokenizer.max_ranks of the run)")
     p.add_argument("--format", default="text", choices=["text", "chat", "preference"],
                    help="text: documents for pretraining (default); chat: conversations "
                    '({"messages": [...]}) for SFT, see megaglm.data.sft_preprocess; preference: '
@@ -244,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise PreprocessError("--tokenizer-type glm4 needs --tokenizer-model /path/to/tokenizer.model")
         if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
             raise PreprocessError(f"--tokenizer-model {args.tokenizer_model!r}: no such file")
-        tokenizer = GLMTokenizer(args.tokenizer_type, args.tokenizer_model)
+        tokenizer = GLMTokenizer(args.tokenizer_type, args.tokenizer_model, args.tokenizer_max_ranks)
         if args.format == "preference":
             from megaglm.data.preference import preprocess_preference
 

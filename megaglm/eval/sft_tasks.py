@@ -20,7 +20,8 @@ def answer_accuracy(logits_fn: Any, tokenizer: Any, conversations: Sequence[dict
         max_tokens: skip conversations longer than this.
 
     Returns:
-        ``{"n", "exact", "token_accuracy", "by_task": {task: {"n", "exact"}}}``: a conversation is exact
+        ``{"n", "exact", "token_accuracy", "by_task": {task: {"n", "exact", "token_accuracy"}}}`` (rates
+        in [0, 1]; token accuracy over the answers' target tokens): a conversation is exact
         when every target token of its last assistant turn (the answer and its end token) is the argmax.
     """
     import torch
@@ -44,8 +45,11 @@ def answer_accuracy(logits_fn: Any, tokenizer: Any, conversations: Sequence[dict
         total += len(ok)
         n += 1
         exact += int(ok.all())
-        t = by_task.setdefault(conv.get("task", "?"), [0, 0])
+        t = by_task.setdefault(conv.get("task", "?"), [0, 0, 0, 0])
         t[0] += 1
         t[1] += int(ok.all())
+        t[2] += int(ok.sum())
+        t[3] += len(ok)
     return {"n": n, "exact": exact / max(n, 1), "token_accuracy": hits / max(total, 1),
-            "by_task": {k: {"n": v[0], "exact": v[1] / max(v[0], 1)} for k, v in sorted(by_task.items())}}
+            "by_task": {k: {"n": v[0], "exact": v[1] / max(v[0], 1), "token_accuracy": v[2] / max(v[3], 1)}
+                        for k, v in sorted(by_task.items())}}

@@ -234,3 +234,65 @@ def test_bad_files_are_rejected(tmp_path):
         build_tokenizer(TokenizerConfig(type="glm4", model_file=str(bad)))
     with pytest.raises(TokenizerError, match="unknown tokenizer type"):
         build_tokenizer(TokenizerConfig(type="gpt2"))
+
+
+# --- max_ranks: the first N ranks of the file as a smaller vocabulary ------------------------------
+
+
+def _reference_bpe(ranks: dict[bytes, int], pat_str: str, text: str) -> list[int]:
+    """Byte-level BPE by its definition (Sennrich et al. 2016, as tiktoken applies it): split with the
+    pre-tokenizer regex, then repeatedly merge the adjacent pair whose concatenation has the lowest rank."""
+    import regex
+
+    out: list[int] = []
+    for piece in regex.findall(pat_str, text):
+        parts = [bytes([b]) for b in piece.encode("utf-8")]
+        while len(parts) > 1:
+            best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
+            if parts[best] + parts[best + 1] not in ranks:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        out.extend(ranks[p] for p in parts)
+    return out
+
+
+@pytest.mark.parametrize("max_ranks", [256, 1000, 4096])
+def test_max_ranks_is_bpe_over_the_first_ranks(cl100k_glm, max_ranks):
+    from megaglm.data.tokenizer import CL100K_PAT_STR
+
+    small = build_tokenizer(TokenizerConfig(max_ranks=max_ranks))
+    kept = {t: r for t, r in cl100k_glm._mergeable.items() if r < max_ranks}
+    assert small.n_base == max_ranks and len(kept) == max_ranks
+    assert small.vocab_size == max_ranks + len(GLM_SPECIAL_TOKENS)
+    assert small.eod == max_ranks and small.convert_special("<|user|>") == max_ranks + 7
+    for text in TEXTS[:7] + ["    def __init__(self, value: int = 12345) -> None:  # pass key: 90210\n"]:
+        ids = small.tokenize(text)
+        assert ids == _reference_bpe(kept, CL100K_PAT_STR, text), text
+        assert all(i < max_ranks for i in ids)
+        assert small.detokenize(ids) == text
+    assert len(small.tokenize(TEXTS[1])) >= len(cl100k_glm.tokenize(TEXTS[1]))
+
+
+def test_max_ranks_identity_pickle_and_errors(cl100k_glm, glm4):
+    small = GLMTokenizer(max_ranks=4096)
+    assert small.identity != cl100k_glm.identity and small.identity.endswith(":4096")
+    assert small.unique_identifiers["max_ranks"] == 4096
+    assert "max_ranks" not in cl100k_glm.unique_identifiers
+    clone = pickle.loads(pickle.dumps(small))
+    assert clone.vocab_size == small.vocab_size and clone.identity == small.identity
+    assert clone.tokenize("pass key: 12345") == small.tokenize("pass key: 12345")
+    assert build_tokenizer({"type": "cl100k_glm", "max_ranks": 4096}).identity == small.identity
+    for bad in (255, cl100k_glm.n_base + 1):
+        with pytest.raises(TokenizerError, match=rf"data.tokenizer.max_ranks={bad}"):
+            GLMTokenizer(max_ranks=bad)
+    full = GLMTokenizer(max_ranks=cl100k_glm.n_base)
+    assert full.vocab_size == cl100k_glm.vocab_size and full.tokenize(TEXTS[2]) == cl100k_glm.tokenize(TEXTS[2])
+
+
+def test_max_ranks_refuses_a_file_that_drops_a_single_byte(tmp_path):
+    ranks = {b"ab": 0, **{bytes([i]): i + 1 for i in range(256)}}
+    path = tmp_path / "bytes_late.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    assert GLMTokenizer("glm4", path, max_ranks=257).vocab_size == 257 + len(GLM_SPECIAL_TOKENS)
+    with pytest.raises(TokenizerError, match="single byte 0xff"):
+        GLMTokenizer("glm4", path, max_ranks=256)

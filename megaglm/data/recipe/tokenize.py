@@ -44,20 +44,22 @@ __all__ = ["TokenizerSpec", "tokenize_documents", "iter_file_texts", "tokenize_s
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """How to build the tokenizer in a worker: ``type`` (``cl100k_glm`` | ``glm4``) and ``model_file``."""
+    """How to build the tokenizer in a worker: ``type`` (``cl100k_glm`` | ``glm4``), ``model_file`` and
+    ``max_ranks`` (see :class:`~megaglm.data.tokenizer.GLMTokenizer`)."""
 
     type: str = "cl100k_glm"
     model_file: Optional[str] = None
+    max_ranks: Optional[int] = None
 
     def build(self) -> Any:
         """A :class:`~megaglm.data.tokenizer.GLMTokenizer` (raises its errors); built once per process
         (and per file content) and shared."""
         from megaglm.data.tokenizer import GLMTokenizer
 
-        key = (self.type, self.model_file,
+        key = (self.type, self.model_file, self.max_ranks,
                os.stat(self.model_file).st_mtime_ns if self.model_file and os.path.exists(self.model_file) else None)
         if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = GLMTokenizer(self.type, self.model_file)
+            _TOKENIZERS[key] = GLMTokenizer(self.type, self.model_file, self.max_ranks)
         return _TOKENIZERS[key]
 
 
