@@ -29,13 +29,13 @@ def test_oniguruma_pattern_keeps_tiktoken_splits():
     assert oniguruma_pattern(pat) == r"\p{N}{1,3}|[^\r\n\p{L}]?\p{L}+|\s+\z|\s*[\r\n]|\s+(?!\S)|\s"
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, 4096], ids=["cl100k", "max_ranks4096"])
+def tokenizer_dir(tmp_path_factory, request):
     from megaglm.convert.hf_tokenizer import write_hf_tokenizer
     from megaglm.data.tokenizer import GLMTokenizer
 
     d = tmp_path_factory.mktemp("tok")
-    tok = GLMTokenizer()
+    tok = GLMTokenizer(max_ranks=request.param)
     write_hf_tokenizer(tok, d, 256)
     return d, tok
 
@@ -54,6 +54,7 @@ def test_tokenizer_json_equals_tiktoken(tokenizer_dir):
         assert hf.encode(s).ids == tok.encode(s), s[:60]
         total += len(tok.encode(s))
     assert total > 50_000
+    assert hf.get_vocab_size() == tok.vocab_size
 
 
 def test_chat_template_renders_megaglm_ids(tokenizer_dir):
