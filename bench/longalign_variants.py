@@ -69,6 +69,38 @@ def evaluate(out: Path, n: int) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
+def write_table(results: list[dict], args: argparse.Namespace, per_pack: float | None) -> str:
+    """Write ``args.out`` .md and .json from the runs so far; returns the markdown."""
+    tasks = sorted({t for r in results for t in r["by_task"]})
+    lines = [f"# LongAlign batching / loss weighting on the CPU demo ({datetime.date.today()})", "",
+             "`python bench/longalign_variants.py " + " ".join(sys.argv[1:]) + "`", "",
+             "`tiny` preset with `data=longalign_demo` (cl100k's first 4096 ranks, 20,000 conversations), "
+             f"{args.steps} steps, rows of {args.seq_length} tokens; packed variants {args.packs} "
+             f"packs per step, sort / naive {round((per_pack or 0) * args.packs)} conversations per step (the "
+             f"packs' {per_pack} conversations each); seeds {args.seeds}; held-out conversations scored by "
+             "teacher-forced greedy decoding of the final answer (exact = every answer token is the argmax).", "",
+             "Per task: exact / token accuracy.", "",
+             "| variant | seconds | token accuracy | exact | " + " | ".join(tasks) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(tasks)]
+    for name in args.variants:
+        rs = [r for r in results if r["variant"] == name]
+        if not rs:
+            continue
+
+        def mean(key, rows=rs):
+            return statistics.mean(r[key] for r in rows)
+
+        def task_mean(t, key, rows=rs):
+            return statistics.mean(r["by_task"].get(t, {}).get(key, 0.0) for r in rows)
+
+        cells = [f"{task_mean(t, 'exact'):.3f} / {task_mean(t, 'token_accuracy'):.3f}" for t in tasks]
+        lines.append(f"| {name} | {mean('seconds'):.0f} | {mean('token_accuracy'):.3f} | {mean('exact'):.3f} | "
+                     + " | ".join(cells) + " |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
@@ -104,30 +136,8 @@ def main() -> None:
             results.append({"variant": name, "seed": seed, "seconds": round(secs, 1), **settings, **res})
             print(f"{name} seed {seed}: exact {res['exact']:.3f} token acc {res['token_accuracy']:.3f} "
                   f"({secs:.0f} s)", flush=True)
-    tasks = sorted({t for r in results for t in r["by_task"]})
-    lines = [f"# LongAlign batching / loss weighting on the CPU demo ({datetime.date.today()})", "",
-             "`python bench/longalign_variants.py " + " ".join(sys.argv[1:]) + "`", "",
-             "`tiny` preset with `data=longalign_demo` (cl100k's first 4096 ranks, 20,000 conversations), "
-             f"{args.steps} steps, rows of {args.seq_length} tokens; packed variants {args.packs} "
-             f"packs per step, sort / naive {round((per_pack or 0) * args.packs)} conversations per step (the "
-             f"packs' {per_pack} conversations each); seeds {args.seeds}; held-out conversations scored by "
-             "teacher-forced greedy decoding of the final answer (exact = every answer token is the argmax).", "",
-             "| variant | seconds | token accuracy | exact | " + " | ".join(f"{t} exact" for t in tasks) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(tasks)]
-    for name in args.variants:
-        rs = [r for r in results if r["variant"] == name]
-        if not rs:
-            continue
-
-        def mean(key, rows=rs):
-            return statistics.mean(r[key] for r in rows)
-
-        cells = [f"{statistics.mean(r['by_task'].get(t, {'exact': 0.0})['exact'] for r in rs):.3f}" for t in tasks]
-        lines.append(f"| {name} | {mean('seconds'):.0f} | {mean('token_accuracy'):.3f} | {mean('exact'):.3f} | "
-                     + " | ".join(cells) + " |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+            write_table(results, args, per_pack)  # a partial table survives an interrupted sweep
+    print(write_table(results, args, per_pack))
 
 
 if __name__ == "__main__":
