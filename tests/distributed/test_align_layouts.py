@@ -159,9 +159,15 @@ def test_dpo_layouts_match_one_rank(probe):
     assert ref[2]["train/lm_loss"] < ref[1]["train/lm_loss"]
     for name in DPO_LAYOUTS:
         got = _metrics(root / name / "metrics.jsonl")
-        for key in METRICS:  # step 1: same weights, same batch -> the same loss, gradient norm and metrics
+        # step 1: same weights, same batch -> the same loss, gradient norm and metrics, up to float32
+        # summation order (TP2 splits every GEMM's reduction: seen 1.7e-6 relative on the gradient norm,
+        # and 1.9e-6 on a reward, which is beta x a difference of two ~90-nat sums whose ulp is 7.6e-6)
+        for key in METRICS:
             a, b = got[1][key], ref[1][key]
-            assert a == pytest.approx(b, rel=1e-6, abs=1e-6), (name, 1, key, a, b)
+            if key.startswith("train/rewards/") and key != "train/rewards/accuracy":
+                assert a == pytest.approx(b, abs=2e-5), (name, 1, key, a, b)
+            else:
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (name, 1, key, a, b)
         # step 2, after one Adam update (whose first step is nearly sign(g): float noise in a near-zero
         # gradient element moves its weight by up to lr): loss, gradient norm and summed log-probs (~90
         # nats) to 1e-5 relative; rewards are beta x a difference of such sums, so compared absolutely

@@ -100,8 +100,10 @@ def test_sft_layout_matches_reference(name, chat_dataset, reference, tmp_path):
     assert set(weights) == set(ref_weights)
     for key, ref in ref_weights.items():
         got = weights[key]
-        # as in test_layouts: the update as a whole agrees to 1e-3 of its norm, and no element is off by
-        # 5% of one step (lr 1e-3); a wrong divisor (a conversation counted twice) is off by far more
+        # the update as a whole agrees to 1e-3 of its norm, and no element is off by a quarter of one step
+        # (lr 1e-3). Adam's first steps are nearly sign(g), so an embedding element whose gradient is ~eps
+        # moves by a float-noise-dependent fraction of lr: 5e-5 held on one CPU and failed on another
+        # (7e-5 at DP2, 8.7e-5 at CP2, same code). A wrong divisor already fails the loss check above.
         update = (ref - init_weights[key]).norm()
         assert (got - ref).norm() <= 1e-3 * update + 1e-12, (name, key)
-        assert (got - ref).abs().max() <= 5e-5, (name, key, (got - ref).abs().max())
+        assert (got - ref).abs().max() <= 2.5e-4, (name, key, (got - ref).abs().max())
