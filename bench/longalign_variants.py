@@ -16,8 +16,12 @@ a global batch of as many conversations as a packed step holds on average (so th
 tokens per step match; their padding costs wall time, which the table reports).
 
     python bench/longalign_variants.py [--seeds 1 2] [--steps 3000] [--demo-args ...]
+    python bench/longalign_variants.py --append --variants naive   # add runs to an existing table
 
-Writes ``bench/results/longalign_variants_<date>.md`` and ``.json``; each run under ``--work``.
+Writes ``bench/results/longalign_variants_<date>.md`` and ``.json``; each run under ``--work``. With
+``--append`` the runs already in ``--out``.json are kept (a (variant, seed) pair there is not rerun) and the
+conversations per packed step come from them, so an interrupted sweep can be finished later; each row
+records the command that made it, and the table lists every such command.
 """
 
 from __future__ import annotations
@@ -69,11 +73,35 @@ def evaluate(out: Path, n: int) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
+def _command() -> str:
+    return "python bench/longalign_variants.py " + " ".join(sys.argv[1:])
+
+
+def _previous(path: Path, args: argparse.Namespace) -> tuple[list[dict], float | None]:
+    """The runs in an earlier table's JSON and its conversations per pack.
+
+    Raises:
+        SystemExit: the file is missing or unreadable, or its runs used other steps / packs / rows.
+    """
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--append: cannot read {path}: {e}; drop --append to start a new table") from e
+    for r in rows:
+        for key in ("steps", "packs", "seq_length"):
+            if key in r and r[key] != getattr(args, key):
+                raise SystemExit(f"--append: {path} holds runs with {key}={r[key]}, this sweep has "
+                                 f"--{key.replace('_', '-')} {getattr(args, key)}; pass the same value")
+    per_pack = next((r["conversations_per_pack"] for r in rows if r.get("conversations_per_pack")), None)
+    return rows, per_pack
+
+
 def write_table(results: list[dict], args: argparse.Namespace, per_pack: float | None) -> str:
     """Write ``args.out`` .md and .json from the runs so far; returns the markdown."""
     tasks = sorted({t for r in results for t in r["by_task"]})
-    lines = [f"# LongAlign batching / loss weighting on the CPU demo ({datetime.date.today()})", "",
-             "`python bench/longalign_variants.py " + " ".join(sys.argv[1:]) + "`", "",
+    dates = sorted({r.get("date", str(datetime.date.today())) for r in results})
+    lines = [f"# LongAlign batching / loss weighting on the CPU demo ({', '.join(dates)})", "",
+             *[f"`{c}`" for c in dict.fromkeys(r.get("command", _command()) for r in results)], "",
              "`tiny` preset with `data=longalign_demo` (cl100k's first 4096 ranks, 20,000 conversations), "
              f"{args.steps} steps, rows of {args.seq_length} tokens; packed variants {args.packs} "
              f"packs per step, sort / naive {round((per_pack or 0) * args.packs)} conversations per step (the "
@@ -82,7 +110,7 @@ def write_table(results: list[dict], args: argparse.Namespace, per_pack: float |
              "Per task: exact / token accuracy.", "",
              "| variant | seconds | token accuracy | exact | " + " | ".join(tasks) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(tasks)]
-    for name in args.variants:
+    for name in VARIANTS:
         rs = [r for r in results if r["variant"] == name]
         if not rs:
             continue
@@ -111,15 +139,22 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--work", default="/tmp/longalign_variants")
     p.add_argument("--demo-args", nargs="*", default=[], help="extra overrides for every run")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / f"longalign_variants_{datetime.date.today()}"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / f"longalign_variants_{datetime.date.today()}"),
+                   help="path without suffix: .md and .json are written")
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs in OUT.json (same --steps/--packs/--seq-length) and add the missing ones")
     args = p.parse_args()
     work = Path(args.work)
     base = ["data=longalign_demo", "train=sft_longalign_demo", f"train.seq_length={args.seq_length}",
             f"train.train_iters={args.steps}", "train.eval_interval=0", "checkpoint.save_interval=0",
             "logging.log_interval=50", "logging.tensorboard_dir=null", *args.demo_args]
     results, per_pack = [], None
+    if args.append:
+        results, per_pack = _previous(Path(args.out + ".json"), args)
     for seed in args.seeds:
         for name in args.variants:
+            if any(r["variant"] == name and r["seed"] == seed for r in results):
+                continue
             settings = dict(VARIANTS[name])
             if settings["data.batching"] == "pack":
                 settings["train.global_batch_size"] = args.packs
@@ -133,7 +168,10 @@ def main() -> None:
             if settings["data.batching"] == "pack" and per_pack is None:
                 per_pack = conversations_per_pack(log)
             res = evaluate(out, args.eval_n)
-            results.append({"variant": name, "seed": seed, "seconds": round(secs, 1), **settings, **res})
+            results.append({"variant": name, "seed": seed, "seconds": round(secs, 1), "command": _command(),
+                            "date": str(datetime.date.today()),
+                            "steps": args.steps, "packs": args.packs, "seq_length": args.seq_length,
+                            "conversations_per_pack": per_pack, **settings, **res})
             print(f"{name} seed {seed}: exact {res['exact']:.3f} token acc {res['token_accuracy']:.3f} "
                   f"({secs:.0f} s)", flush=True)
             write_table(results, args, per_pack)  # a partial table survives an interrupted sweep
