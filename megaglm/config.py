@@ -355,6 +355,9 @@ class RunSection:
     output_dir: str = "runs/demo"
     device: str = "auto"  # auto | cpu | cuda
     distributed_timeout_minutes: int = 10
+    # CPU runs: keep freed memory in each process so a step's large tensors reuse pages instead of being
+    # mapped and zero-filled again every step (glibc mallopt; megaglm/platform/cpu_malloc.py)
+    cpu_allocator_cache: bool = True
 
 
 @dataclass

@@ -49,10 +49,12 @@ def resolve_device(requested: str = "auto") -> str:
     return requested
 
 
-def setup_platform(requested: str = "auto") -> Platform:
+def setup_platform(requested: str = "auto", cpu_allocator_cache: bool = False) -> Platform:
     """Resolve the device, activate the CPU layer for CPU runs, and pick the backend.
 
     On CUDA the CPU layer is never activated, and the rank's GPU is ``LOCAL_RANK`` (from the launcher).
+    ``cpu_allocator_cache`` (a run's ``run.cpu_allocator_cache``): on the CPU, keep freed memory in the
+    process so a step's large tensors reuse pages (:mod:`megaglm.platform.cpu_malloc`).
 
     Returns:
         The :class:`Platform` of this process.
@@ -62,6 +64,10 @@ def setup_platform(requested: str = "auto") -> Platform:
         from megaglm.platform.cpu import enable_cpu_platform
 
         enable_cpu_platform()
+        if cpu_allocator_cache:
+            from megaglm.platform.cpu_malloc import keep_freed_memory
+
+            keep_freed_memory()
         return Platform("cpu", "gloo", True)
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return Platform("cuda", "nccl", False)

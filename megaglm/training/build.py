@@ -98,7 +98,7 @@ def build_run(plan: RunPlan, with_optimizer: bool = True, perform_initialization
     from megaglm.platform import setup_platform
 
     cfg = plan.config
-    platform = setup_platform(plan.device_type)
+    platform = setup_platform(plan.device_type, bool(cfg.run.cpu_allocator_cache))
     rank, world = init_distributed(platform, int(cfg.run.distributed_timeout_minutes))
     if world != plan.layout.world:
         raise ValueError(f"the run was planned for {plan.layout.world} ranks but the launcher started {world}")

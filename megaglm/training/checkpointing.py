@@ -32,6 +32,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from megaglm.training.optim import use_fused_cpu_adam
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -368,6 +370,7 @@ def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, *, model_
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
+        use_fused_cpu_adam(optimizer)  # the loaded param groups carry the flags they were saved with
         if scheduler is not None and "opt_param_scheduler" in loaded:
             if getattr(scheduler, "override_opt_param_scheduler", False):
                 _override_group_lrs(optimizer, loaded["opt_param_scheduler"], scheduler)

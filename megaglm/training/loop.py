@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
+from megaglm.platform.cpu_speed import slow_dtype_note
 from megaglm.training.batches import Batches, build_batches
 from megaglm.training.build import Run, build_run, num_parameters
 from megaglm.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
@@ -132,6 +133,10 @@ def announce(run: Run, batches: Batches, metrics: MetricsLogger, state: LoopStat
     metrics.text(f"model {plan.config.model.name}: padded vocab {run.vocab_size} (tokenizer "
                  f"{run.tokenizer.vocab_size}); rank 0 holds {num_parameters(run):,} parameters; precision "
                  f"{plan.config.precision.name}, {plan.backend} layers")
+    if run.is_logging_rank:
+        slow = slow_dtype_note(plan.config.precision.params_dtype, run.platform.device_type)
+        if slow:
+            metrics.text(slow)
     if batches.unigram_entropy is not None:
         metrics.text(f"data unigram entropy {batches.unigram_entropy:.4f} nats/token (the loss of the best "
                      "context-free model)")

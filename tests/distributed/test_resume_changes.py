@@ -109,10 +109,20 @@ def test_other_precision_is_refused_in_one_line_before_anything_is_built(base_ru
 def test_other_precision_way_out_loads_the_weights_into_a_fresh_optimizer(base_run, text_dataset, tmp_path):
     run = _copy(base_run, tmp_path / "c")
     # the way out the refusal names: the weights into a fresh bf16 optimizer, one iteration of one micro-batch
-    ok(train(*common_overrides(text_dataset, run, **{**BASE, "train.train_iters": 5,
-                                                     "train.global_batch_size": 2}),
-             "precision=bf16", "checkpoint.load_optimizer=false"))
+    out = ok(train(*common_overrides(text_dataset, run, **{**BASE, "train.train_iters": 5,
+                                                           "train.global_batch_size": 2}),
+                   "precision=bf16", "checkpoint.load_optimizer=false"))
     assert sorted(train_losses(run / "metrics.jsonl")) == [1, 2, 3, 4, 5]
+    # a CPU whose bf16 GEMM is slow says so when the run starts (measured here independently, with a margin)
+    import torch
+
+    from megaglm.platform.cpu_speed import SLOW_FACTOR, matmul_slowdown
+
+    ratio = matmul_slowdown(torch.bfloat16, repeats=5)
+    if ratio > 2 * SLOW_FACTOR:
+        assert "precision.params_dtype=bf16: a bf16 matmul is" in out and "use precision=fp32" in out
+    elif ratio < SLOW_FACTOR / 2:
+        assert "bf16 matmul is" not in out
 
 
 def test_nan_gradients_stop_with_the_iteration_and_rank(text_dataset, tmp_path):

@@ -76,9 +76,11 @@ def test_refusals_name_the_keys_and_the_way_out():
     rep = _decide({"precision.params_dtype": "bf16", "checkpoint.load_optimizer": False})
     assert not rep.refused
     # another architecture or tokenizer is refused even for weights only
-    for key, value in (("model.hidden_size", 64), ("data.tokenizer.type", "glm4")):
+    for key, value in (("model.hidden_size", 64), ("data.tokenizer.type", "glm4"),
+                       ("data.tokenizer.max_ranks", 4096)):  # a truncated vocabulary: other embedding rows
         rep = _decide({key: value, "checkpoint.load_optimizer": False})
         assert [d.key for d in rep.of(REFUSE)] == [key], rep
+        assert "\n" not in rep.refusal() and key in rep.refusal()
     rep = _decide({"data.format": "chat"})
     assert rep.refused and "fine-tune from these weights" in rep.refusal()
     rep = _decide({"parallel.use_distributed_optimizer": True})
