@@ -17,7 +17,6 @@ __all__ = ["matmul_slowdown", "slow_dtype_note", "SLOW_FACTOR"]
 
 # A dtype is reported as slow when its GEMM takes this many times the fp32 one.
 SLOW_FACTOR = 3.0
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _seconds(dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -43,15 +42,15 @@ def matmul_slowdown(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float
     return _seconds(dtype, n, repeats) / max(_seconds(torch.float32, n, repeats), 1e-9)
 
 
-def slow_dtype_note(params_dtype: str, device_type: str) -> Optional[str]:
+def slow_dtype_note(params_dtype: str, dtype: torch.dtype, device_type: str) -> Optional[str]:
     """The line a run prints when its parameters' dtype multiplies slowly on this CPU, else None.
 
     Args:
-        params_dtype: ``precision.params_dtype`` (``fp32`` | ``bf16`` | ``fp16``).
+        params_dtype: ``precision.params_dtype`` as configured (``fp32`` | ``bf16`` | ``fp16``), for the message.
+        dtype: the parameters' torch dtype (the model config's ``params_dtype``), which is measured.
         device_type: ``"cpu"`` or ``"cuda"``; nothing is measured on CUDA or for fp32.
     """
-    dtype = _DTYPES.get(str(params_dtype))
-    if device_type != "cpu" or dtype is None or dtype == torch.float32:
+    if device_type != "cpu" or dtype == torch.float32:
         return None
     ratio = matmul_slowdown(dtype)
     if ratio < SLOW_FACTOR:

@@ -134,7 +134,8 @@ def announce(run: Run, batches: Batches, metrics: MetricsLogger, state: LoopStat
                  f"{run.tokenizer.vocab_size}); rank 0 holds {num_parameters(run):,} parameters; precision "
                  f"{plan.config.precision.name}, {plan.backend} layers")
     if run.is_logging_rank:
-        slow = slow_dtype_note(plan.config.precision.params_dtype, run.platform.device_type)
+        slow = slow_dtype_note(plan.config.precision.params_dtype, run.config.params_dtype,
+                               run.platform.device_type)
         if slow:
             metrics.text(slow)
     if batches.unigram_entropy is not None:
