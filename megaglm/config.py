@@ -268,6 +268,17 @@ class PrecisionConfig:
       ``parallel.use_distributed_optimizer``);
     * ``first_last_layers_bf16`` with ``num_layers_at_start_in_bf16`` / ``num_layers_at_end_in_bf16``:
       keep that many first / last decoder layers in bf16 (not with ``delayed``).
+
+    fp16 only (``params_dtype: fp16``): the loss is multiplied by a loss scale before the backward pass so
+    that small gradients survive fp16's range, and the gradients are unscaled in fp32 (Micikevicius et al.
+    2018, "Mixed Precision Training", section 3.2). A step whose scaled gradients overflow is skipped and the
+    scale lowered; megatron-core's scaler, Megatron-LM's defaults:
+
+    * ``loss_scale``: a constant scale; null (the default) = dynamic scaling:
+    * ``initial_loss_scale`` (2^32) halves after ``hysteresis`` (2) consecutive overflowing steps, never
+      below ``min_loss_scale`` (1), and doubles after ``loss_scale_window`` (1000) steps without one.
+
+    A step still non-finite at ``min_loss_scale`` stops the run (iteration and rank in the message).
     """
 
     name: str = "fp32"
@@ -282,6 +293,11 @@ class PrecisionConfig:
     first_last_layers_bf16: bool = False
     num_layers_at_start_in_bf16: int = 1
     num_layers_at_end_in_bf16: int = 1
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 4294967296.0
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
 
 @dataclass

@@ -15,7 +15,8 @@ difference in one of three classes:
   ``lr_decay_iters`` is null) comes from the checkpoint unless ``checkpoint.override_scheduler=true``
   (Megatron-LM's ``--override-opt-param-scheduler``; its default is ``--use-checkpoint-opt_param-scheduler``);
   Adam's betas and epsilon live in the optimizer state (torch's ``Optimizer.load_state_dict``) unless
-  ``checkpoint.load_optimizer=false``. Reported in one line with the way to override.
+  ``checkpoint.load_optimizer=false``; so does fp16's current loss scale (``precision.initial_loss_scale``
+  only starts a new run). Reported in one line with the way to override.
 * **refused** (:data:`REFUSE`): the checkpoint cannot continue this run: another architecture, another
   tokenizer, another parameter dtype, optimizer-state format (distributed optimizer on / off) or data
   format with the optimizer state. One line naming the keys and
@@ -48,6 +49,10 @@ _SCHEDULE = {"train." + k for k in ("lr", "min_lr", "lr_warmup_iters", "lr_decay
 _OPTIMIZER_STATE = {"train.adam_beta1", "train.adam_beta2", "train.adam_eps"}
 # keys of a staged run that the stage chain itself sets per stage
 _STAGE_RUNNER = {"stage.parent_checkpoint"}
+# fp16's loss scaler: the scale itself continues from the checkpoint (megatron saves the scaler's state);
+# the other knobs apply as asked. Ignored unless the run is fp16.
+_LOSS_SCALE = {"precision." + k for k in ("loss_scale", "initial_loss_scale", "min_loss_scale",
+                                          "loss_scale_window", "hysteresis")}
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ def classify(key: str, saved: Any, current: Any, load_optimizer: bool, override_
             return d(CONTINUE, "the run stops at the new count")
         return d(CONTINUE, "the run stops at the new count; the LR decay length stays the checkpoint's "
                            "(set checkpoint.override_scheduler=true to decay over the new count)")
-    if key in _OPTIMIZER_STATE:
+    if key in _OPTIMIZER_STATE or key == "precision.initial_loss_scale":
         return d(CHECKPOINT)
     if key in ("train.global_batch_size", "train.seq_length") or key.startswith("data."):
         return d(CONTINUE, "the data position carries over as the number of samples consumed, in this run's "
@@ -179,7 +184,8 @@ def resume_decisions(saved_config: dict, current_config: dict, checkpoint: str) 
     """Compare a checkpoint's saved run config with the run's (both resolved, nested dicts).
 
     Keys present on one side only (a setting added or removed between versions) are compared with None.
-    The run's own bookkeeping keys of a stage chain (``stage.parent_checkpoint``) are ignored.
+    The run's own bookkeeping keys of a stage chain (``stage.parent_checkpoint``) are ignored, and so are
+    the fp16 loss-scaler keys (``precision.loss_scale`` ...) unless the run is fp16.
 
     Returns:
         The :class:`ResumeReport` (``refused`` when any difference is refused).
@@ -195,7 +201,7 @@ def resume_decisions(saved_config: dict, current_config: dict, checkpoint: str) 
     decay_set = a.get("train.lr_decay_iters") is not None and b.get("train.lr_decay_iters") is not None
     decisions = []
     for key in sorted(set(a) | set(b)):
-        if key in _STAGE_RUNNER:
+        if key in _STAGE_RUNNER or (key in _LOSS_SCALE and b.get("precision.params_dtype") != "fp16"):
             continue
         va, vb = a.get(key), b.get(key)
         if _same(va, vb):

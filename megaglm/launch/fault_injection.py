@@ -5,7 +5,9 @@ through environment variables given with ``+launcher.env.NAME=VALUE``.
   iteration (on that rank, default every rank) becomes NaN, so its gradients are NaN. megatron-core's
   gradient check (``check_for_nan_in_grad``) finds them before the update; the declared policy is to stop
   the run with the iteration and the rank (:class:`megaglm.training.errors.NonFiniteGradients`), not
-  retried (it would repeat), the last checkpoint untouched.
+  retried (it would repeat), the last checkpoint untouched. In fp16 (``precision=fp16``) the loss
+  scaler handles it instead: the step is skipped and the scale lowered, and only a step still non-finite
+  at ``precision.min_loss_scale`` stops the run.
 
 Kills are injected from outside (SIGKILL to a rank's pid, ``bench/fault_soak.py``).
 """

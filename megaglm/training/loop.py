@@ -50,6 +50,7 @@ class LoopState:
     consumed_train: int = 0
     consumed_valid: int = 0
     last_saved: Optional[int] = None
+    skipped_iterations: int = 0  # fp16: steps the loss scaler skipped (this process's part of the run)
 
 
 def train(plan: RunPlan, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
@@ -161,6 +162,9 @@ def record_step(run: Run, batches: Batches, metrics: MetricsLogger, state: LoopS
               "consumed_tokens": batches.consumed_samples * plan.batch.seq_length,
               "progress": state.iteration / int(plan.config.train.train_iters),
               **step.metrics}  # the objective's own scalars (DPO rewards/accuracy ..., training/alignment.py)
+    if step.loss_scale is not None:  # fp16 (Megatron-LM's "loss scale" / "number of skipped iterations")
+        state.skipped_iterations += 0 if step.update_ok else 1
+        values.update(loss_scale=step.loss_scale, skipped_iterations=state.skipped_iterations)
     metrics.scalars(state.iteration, values, prefix="train/")
     if plan.config.logging.progress and (state.iteration % int(plan.config.logging.log_interval) == 0
                                          or state.iteration == 1):

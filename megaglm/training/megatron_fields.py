@@ -93,7 +93,7 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
 def ddp_fields(cfg: DictConfig, precision_ddp: dict[str, Any]) -> dict[str, Any]:
     """``DistributedDataParallelConfig`` kwargs: ``parallel.*`` overlap / distributed-optimizer switches,
     megatron's NaN check of the reduced gradients, and the precision part (``grad_reduce_in_fp32``,
-    ``fp8_param_gather``)."""
+    ``fp8_param_gather``; fp16 turns the NaN check off: its loss scaler skips overflowing steps)."""
     p = cfg.parallel
     return {
         "overlap_grad_reduce": bool(p.overlap_grad_reduce),

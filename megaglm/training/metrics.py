@@ -90,13 +90,15 @@ class MetricsLogger:
             self.metrics.write(json.dumps({"iteration": step, **{prefix + k: v for k, v in values.items()}}) + "\n")
 
     def console(self, step: int, values: dict[str, float]) -> None:
-        """One progress line: iteration, loss, lr, grad norm, throughput, elapsed and ETA."""
+        """One progress line: iteration, loss, lr, grad norm, throughput (fp16: loss scale and skipped
+        iterations), elapsed and ETA."""
         if not self.enabled:
             return
         elapsed = time.time() - self.t0
         parts = [f"iter {step:>6d}/{self.train_iters}"]
         fmt = {"lm_loss": "loss {:.4f}", "lr": "lr {:.3e}", "grad_norm": "grad_norm {:.3f}",
-               "tokens_per_sec": "{:,.0f} tok/s", "step_time": "{:.2f} s/it"}
+               "tokens_per_sec": "{:,.0f} tok/s", "step_time": "{:.2f} s/it", "loss_scale": "loss scale {:g}",
+               "skipped_iterations": "skipped {:d}"}
         for key, f in fmt.items():
             if values.get(key) is not None:
                 parts.append(f.format(values[key]))

@@ -28,9 +28,11 @@ class StepResult:
         loss: global mean loss per token (per loss unit for SFT), nats; None if no loss tokens.
         grad_norm: global L2 norm of the gradients before clipping (None when megatron skips it).
         update_ok: False when megatron found the gradients non-finite and skipped the update.
-        lr: the learning rate the step used.
+        lr: the learning rate after the step (the scheduler moves on when the update was applied; what
+            Megatron-LM logs).
         step_time: wall seconds of the step.
         metrics: the objective's extra scalars (DPO rewards / accuracy ..., :mod:`megaglm.training.alignment`).
+        loss_scale: fp16: the loss scale after the step (lowered when it overflowed); None otherwise.
     """
 
     loss: Optional[float]
@@ -39,6 +41,7 @@ class StepResult:
     lr: float
     step_time: float
     metrics: dict = field(default_factory=dict)
+    loss_scale: Optional[float] = None
 
 
 def make_forward_step(layout: MicroBatchLayout):
@@ -104,14 +107,23 @@ def train_step(run: Run, batches: Batches, iteration: int = 0) -> StepResult:
     step the optimizer (megatron's, with clipping and its finite-gradient check) and, when the update
     was applied, the LR scheduler.
 
+    With fp16 a step whose scaled gradients overflow is skipped by megatron's loss scaler
+    (``update_ok`` False, the scale lowered); the run goes on.
+
     Raises:
         NonFiniteGradients: megatron-core found NaN / Inf gradients; the step's update was not applied
-            (``iteration`` is the step's number, for the message).
+            (``iteration`` is the step's number, for the message). With fp16: the gradients were still
+            non-finite at ``precision.min_loss_scale`` (or at a constant ``precision.loss_scale``).
     """
     t0 = time.time()
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
+    opt = run.plan.megatron.optimizer
+    fp16 = bool(opt.get("fp16"))
+    if fp16:  # the scale this step's loss is multiplied by
+        scale_before = float(run.optimizer.get_loss_scale().item())
+        scale_can_drop = opt.get("loss_scale") is None and scale_before > float(opt["min_loss_scale"])
     try:
         out = run_schedule(run, batches.train_iterator(), forward_only=False,
                            seq_length=batches.step_seq_length)  # SFT sort / naive: this step's row length
@@ -126,8 +138,18 @@ def train_step(run: Run, batches: Batches, iteration: int = 0) -> StepResult:
             f"Lower train.lr (now {t.lr:g}) or raise train.lr_warmup_iters (now {t.lr_warmup_iters}), check "
             "the data, and resume from the last checkpoint (MEGAGLM_FULL_ERRORS=1 shows megatron's traceback)"
         ) from err
+    loss_scale = None
+    if fp16:
+        loss_scale = float(run.optimizer.get_loss_scale().item())
+        if not update_ok and not scale_can_drop:
+            key = "loss_scale" if opt.get("loss_scale") is not None else "min_loss_scale"
+            raise NonFiniteGradients(
+                f"iteration {iteration}, rank {this_rank()}: the fp16 gradients are not finite at loss scale "
+                f"{scale_before:g} (precision.{key}), which cannot be lowered further; the update was not applied "
+                f"and the run stopped. Lower train.lr (now {run.plan.config.train.lr:g}) or precision.{key}, check "
+                "the data, or train in bf16, and resume from the last checkpoint")
     if update_ok:
         run.scheduler.step(increment=1)
     return StepResult(reduce_loss(out), grad_norm, bool(update_ok), run.optimizer.param_groups[0]["lr"],
-                      time.time() - t0, reduce_metrics(run, out))
+                      time.time() - t0, reduce_metrics(run, out), loss_scale)
 

@@ -20,7 +20,7 @@ from megaglm.models.glm import builder, precision, spec  # noqa: E402
 from megaglm.parallel.layout import validate_layout  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
-PRESETS = ("fp32", "bf16", "fp8_hybrid_delayed", "fp8_current", "mxfp8")
+PRESETS = ("fp32", "bf16", "fp16", "fp8_hybrid_delayed", "fp8_current", "mxfp8")
 
 
 def _compose(*overrides):
@@ -254,3 +254,45 @@ def test_spec_follows_availability(fake_gpu):
     assert _tc(PrecisionConfig(params_dtype="bf16")).transformer_impl == "local"
     fake_gpu((9, 0), te=True)
     assert _tc(PrecisionConfig(params_dtype="bf16")).transformer_impl == "transformer_engine"
+
+
+# ------------------------------------------------------------------------------- fp16 loss scaling
+
+
+def test_fp16_preset_scales_the_loss_dynamically_and_leaves_overflows_to_the_scaler(composed):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megaglm.training.megatron_fields import ddp_fields
+
+    cfg = composed["fp16"]
+    f = precision.mixed_precision_fields(cfg.precision, "cpu")
+    # Megatron-LM's dynamic loss scaling defaults (--initial-loss-scale 2^32, --min-loss-scale 1,
+    # --loss-scale-window 1000, --hysteresis 2); no constant scale
+    assert f.optimizer == {"params_dtype": torch.float16, "bf16": False, "fp16": True, "loss_scale": None,
+                           "initial_loss_scale": 2.0 ** 32, "min_loss_scale": 1.0, "loss_scale_window": 1000,
+                           "hysteresis": 2}
+    OptimizerConfig(**f.optimizer)  # megatron-core takes every field
+    ddp = ddp_fields(OmegaConf.structured(cfg), f.ddp)
+    assert ddp["check_for_nan_in_grad"] is False  # the scaler skips overflowing steps, DDP must not stop them
+    DistributedDataParallelConfig(**ddp)
+    for other in ("fp32", "bf16"):
+        g = precision.mixed_precision_fields(composed[other].precision, "cpu")
+        assert "loss_scale" not in g.optimizer and "initial_loss_scale" not in g.optimizer
+        assert ddp_fields(OmegaConf.structured(composed[other]), g.ddp)["check_for_nan_in_grad"] is True
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("loss_scale", 0.0, "precision.loss_scale=0.0: expected a positive finite number"),
+    ("initial_loss_scale", float("inf"), "precision.initial_loss_scale=inf: expected a positive finite number"),
+    ("min_loss_scale", 8.0, "precision.initial_loss_scale=4.0 is below precision.min_loss_scale=8.0"),
+    ("loss_scale_window", 0, "precision.loss_scale_window=0: expected an integer >= 1"),
+    ("hysteresis", 1.5, "precision.hysteresis=1.5: expected an integer >= 1"),
+])
+def test_fp16_loss_scale_settings_are_checked(key, value, needle):
+    cfg = PrecisionConfig(name="fp16", params_dtype="fp16", initial_loss_scale=4.0)
+    setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        precision.mixed_precision_fields(cfg, "cpu")
+    constant = precision.loss_scale_fields(PrecisionConfig(params_dtype="fp16", loss_scale=128))
+    assert constant["loss_scale"] == 128.0

@@ -17,6 +17,9 @@ from omegaconf import OmegaConf
 from megaglm.app.resume import CHECKPOINT, CONTINUE, REFUSE, flatten, resume_decisions
 from megaglm.config import RunConfig
 
+LOSS_SCALE_KEYS = {"precision." + k for k in ("loss_scale", "initial_loss_scale", "min_loss_scale",
+                                                "loss_scale_window", "hysteresis")}
+
 
 @functools.lru_cache(maxsize=1)
 def _base_once() -> dict:
@@ -167,6 +170,8 @@ def test_every_difference_is_classified_never_silent(pair):
                 and a[k] != a[k] and b[k] != b[k]}
     differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)} - both_nan
     differing.discard("stage.parent_checkpoint")  # the stage chain's own bookkeeping
+    if b.get("precision.params_dtype") != "fp16":  # the loss scaler's knobs mean nothing outside fp16
+        differing -= LOSS_SCALE_KEYS
     decided = {d.key for d in rep.decisions}
     assert differing <= decided | {k for k in differing if a.get(k) == b.get(k)}
     for d in rep.decisions:
@@ -184,8 +189,21 @@ def test_every_difference_is_classified_never_silent(pair):
 @pytest.mark.parametrize("key", sorted(k for k in LEAVES if k.startswith(("train.", "precision.", "parallel."))))
 def test_each_schema_setting_has_an_outcome(key):
     tp = LEAVES[key]
-    base = _base()
+    base = _set(_base(), "precision.params_dtype", "fp16") if key in LOSS_SCALE_KEYS else _base()
     old = flatten(base)[key]
     new = (not old) if isinstance(old, bool) else (old + 1 if isinstance(old, (int, float)) else "changed")
     rep = resume_decisions(base, _set(base, key, new), "ckpt")
     assert [d.key for d in rep.decisions] == [key], (key, tp)
+
+
+def test_fp16_loss_scale_keys_matter_only_for_fp16_and_the_scale_continues_from_the_checkpoint():
+    # a checkpoint written before the loss-scale keys existed, resumed in fp32: nothing to report
+    saved = _base()
+    for k in LOSS_SCALE_KEYS:
+        del saved["precision"][k.split(".")[1]]
+    assert resume_decisions(saved, _base(), "ckpt").decisions == ()
+    # in fp16 they are compared: the scale continues from the checkpoint's scaler state, the rest as asked
+    rep = _decide({"precision.initial_loss_scale": 65536.0, "precision.loss_scale_window": 500},
+                  **{"precision.params_dtype": "fp16"})
+    assert {d.key: d.outcome for d in rep.decisions} == {"precision.initial_loss_scale": CHECKPOINT,
+                                                         "precision.loss_scale_window": CONTINUE}

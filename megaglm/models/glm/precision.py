@@ -23,7 +23,8 @@ import torch
 from megaglm.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megaglm.models.glm.spec import transformer_engine_available
 
-__all__ = ["DTYPES", "MixedPrecisionFields", "mixed_precision_fields", "fp8_transformer_fields", "cuda_capability"]
+__all__ = ["DTYPES", "MixedPrecisionFields", "mixed_precision_fields", "fp8_transformer_fields", "cuda_capability",
+           "loss_scale_fields"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,7 +154,11 @@ class MixedPrecisionFields:
         ddp: ``DistributedDataParallelConfig`` kwargs: ``grad_reduce_in_fp32`` (always: gradients are
             reduced in fp32 whatever the params dtype) and ``fp8_param_gather``.
         optimizer: ``OptimizerConfig`` kwargs: ``params_dtype``, ``bf16``, ``fp16`` (megatron keeps fp32
-            main params and grads for bf16 / fp16 models).
+            main params and grads for bf16 / fp16 models) and, for fp16, the loss scaler's
+            (:func:`loss_scale_fields`).
+
+    With fp16, ``ddp`` also turns megatron's NaN / Inf gradient check off (``check_for_nan_in_grad``):
+    overflowing scaled gradients are the loss scaler's business (the step is skipped, the scale lowered).
     """
 
     transformer: dict[str, Any] = field(default_factory=dict)
@@ -187,4 +192,42 @@ def mixed_precision_fields(precision_cfg: PrecisionConfig, device_type: str = "c
     ddp = {"grad_reduce_in_fp32": True,
            "fp8_param_gather": bool(precision_cfg.fp8 is not None and precision_cfg.fp8_param_gather)}
     optimizer = {"params_dtype": dtype, **flags}
+    if flags["fp16"]:
+        optimizer.update(loss_scale_fields(precision_cfg))
+        # the scaled fp16 gradients overflow by design until the scale settles: the loss scaler finds them
+        # and skips the step (megatron-core's DDP check would stop the run at the first one)
+        ddp["check_for_nan_in_grad"] = False
     return MixedPrecisionFields(transformer, ddp, optimizer)
+
+
+def loss_scale_fields(precision_cfg: PrecisionConfig) -> dict[str, Any]:
+    """``OptimizerConfig``'s loss-scaler kwargs for an fp16 run (``loss_scale``, ``initial_loss_scale``,
+    ``min_loss_scale``, ``loss_scale_window``, ``hysteresis``; see :class:`megaglm.config.PrecisionConfig`).
+
+    Raises:
+        ValueError: a scale that is not positive, ``initial_loss_scale`` below ``min_loss_scale``, or a
+            window / hysteresis below 1 (the message names the ``precision.*`` key).
+    """
+    def positive(key: str, value: Any) -> float:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not v > 0 or v == float("inf"):
+            raise ValueError(f"precision.{key}={value!r}: expected a positive finite number")
+        return v
+
+    fields: dict[str, Any] = {
+        "loss_scale": None if precision_cfg.loss_scale is None else positive("loss_scale", precision_cfg.loss_scale),
+        "initial_loss_scale": positive("initial_loss_scale", precision_cfg.initial_loss_scale),
+        "min_loss_scale": positive("min_loss_scale", precision_cfg.min_loss_scale),
+    }
+    if fields["initial_loss_scale"] < fields["min_loss_scale"]:
+        raise ValueError(f"precision.initial_loss_scale={precision_cfg.initial_loss_scale} is below "
+                         f"precision.min_loss_scale={precision_cfg.min_loss_scale}: raise it or lower the minimum")
+    for key in ("loss_scale_window", "hysteresis"):
+        value = getattr(precision_cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"precision.{key}={value!r}: expected an integer >= 1")
+        fields[key] = value
+    return fields
