@@ -452,8 +452,9 @@ def profile(config: str, variants: list[str], prefix: str, iters: int | None = N
              "| op | " + " | ".join(f"{v} calls/it, self ms/it" for v in variants) + " |",
              "|---|" + "---:|" * len(variants)]
     keys = set().union(*ops.values())
-    diff = {k: max(abs(ops[first].get(k, [0, 0])[1] - ops[v].get(k, [0, 0])[1]) for v in variants[1:])
-            for k in keys}
+    # ops that differ most between the variants first (one variant: the most expensive first)
+    diff = {k: max((abs(ops[first].get(k, [0, 0])[1] - ops[v].get(k, [0, 0])[1]) for v in variants[1:]),
+                   default=ops[first].get(k, [0, 0])[1]) for k in keys}
     for k in sorted(keys, key=lambda k: -diff[k])[:40]:
         cells = [f"{ops[v][k][0]:.0f}, {ops[v][k][1] / 1e3:.1f}" if k in ops[v] else "-" for v in variants]
         lines.append(f"| `{k}` | " + " | ".join(cells) + " |")

@@ -39,6 +39,8 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
+from megaglm.models.glm.cross_entropy import blocked_vocab_parallel_cross_entropy
+
 __all__ = ["GLMModel", "rope_2d_inv_freq", "rope_angles", "rope_table"]
 
 
@@ -109,6 +111,18 @@ class GLMModel(GPTModel):
             rot = self.rotary_pos_emb.inv_freq.numel() * 2  # megatron's R
             base = float(kwargs.get("rotary_base", 10000.0))
             self.register_buffer("glm_inv_freq_2d", rope_2d_inv_freq(rot, base), persistent=False)
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """Per-token cross-entropy, labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 ``[b, s]``.
+
+        On the CPU (and without megatron's fused CE) the cache-blocked implementation of
+        :mod:`megaglm.models.glm.cross_entropy` (same loss, about 1.7x faster there); elsewhere megatron-core's.
+        """
+        if logits.device.type != "cpu" or self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        tp = getattr(getattr(self, "pg_collection", None), "tp", None)
+        loss = blocked_vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), tp)
+        return loss.transpose(0, 1).contiguous()
 
     def _explicit_table(self, position_ids: Tensor, packed_seq_params) -> Tensor:
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
