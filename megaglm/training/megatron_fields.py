@@ -54,6 +54,12 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "precision.first_last_layers_bf16": ("transformer:first_last_layers_bf16",),
     "precision.num_layers_at_start_in_bf16": ("transformer:num_layers_at_start_in_bf16",),
     "precision.num_layers_at_end_in_bf16": ("transformer:num_layers_at_end_in_bf16",),
+    # fp16's loss scaler (megatron's DynamicGradScaler / ConstantGradScaler, built with the optimizer)
+    "precision.loss_scale": ("optimizer:loss_scale",),
+    "precision.initial_loss_scale": ("optimizer:initial_loss_scale",),
+    "precision.min_loss_scale": ("optimizer:min_loss_scale",),
+    "precision.loss_scale_window": ("optimizer:loss_scale_window",),
+    "precision.hysteresis": ("optimizer:hysteresis",),
     # ---- train.*
     "train.train_iters": ("scheduler:lr_decay_steps", _LOOP),
     "train.micro_batch_size": (_LAYOUT, _BATCHES),

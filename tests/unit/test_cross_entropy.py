@@ -111,3 +111,26 @@ def test_tensor_parallel_vocabulary_split_matches():
 
     proc = launch(2, [], module="tests.distributed.ce_probe", timeout=300)
     assert proc.stdout.count("blocked cross-entropy at TP 2 matches") == 2, proc.stdout[-2000:]
+
+
+def test_saves_what_megatrons_saves(megatron_one_rank):
+    """The layout planner counts megatron's saved tensors (fp32 softmax + 9 bytes per token): the blocked
+    version must keep exactly as many bytes for backward."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(12, 2, 500).requires_grad_(True)
+        y = x * 1.0
+        target = torch.randint(0, 500, (12, 2))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(y, target)
+        return sum(v for k, v in seen.items() if k != x.untyped_storage().data_ptr())
+
+    assert saved_bytes(blocked_vocab_parallel_cross_entropy) == saved_bytes(vocab_parallel_cross_entropy) \
+        == 12 * 2 * (500 * 4 + 9)

@@ -50,6 +50,10 @@ CONTEXT = {
                                     "train.recompute_num_layers": 1}, 2),
     "train.lr_decay_iters": ({}, 77),
 }
+# the loss-scale options need fp16
+for _k, _v in (("loss_scale", 1024.0), ("initial_loss_scale", 65536.0), ("min_loss_scale", 4.0),
+               ("loss_scale_window", 500), ("hysteresis", 4)):
+    CONTEXT[f"precision.{_k}"] = ({"precision.params_dtype": "fp16"}, _v)
 # FP8 options need FP8 on
 for _k, _v in (("fp8_recipe", "current"), ("fp8_amax_history_len", 16), ("fp8_amax_compute_algo", "most_recent"),
                ("fp8_margin", 1), ("fp8_wgrad", False)):

@@ -5,15 +5,17 @@ megatron-core's ``vocab_parallel_cross_entropy`` makes six full passes over the 
 hundreds of MB per micro-batch, so on a CPU each pass runs at memory bandwidth: measured 17% of a `tiny`
 step (``bench/results/profile_tiny_2026-12-02.md``). Here the forward pass works on blocks of
 ``block_rows`` rows (16 x 100K x 4 B = 6 MB, inside the L3 cache): one read of the logits from memory and
-one write back, the subtract / exp / sum in cache; the softmax division is deferred into the backward's
-single pass (one multiply by a per-row factor). Same arithmetic as megatron's (the same per-row shift),
-so the loss is identical and the gradient agrees to rounding (``tests/unit/test_cross_entropy.py``).
+one write back, the max / subtract / exp / sum / divide in cache; backward is one pass (multiply by the
+upstream gradient, subtract it at the targets). Same arithmetic as megatron's (the same per-row shift), so
+the loss agrees to rounding (``tests/unit/test_cross_entropy.py``), and it saves the same tensors: the fp32
+softmax in place of the logits, int64 shard-local targets and a bool mask (what the layout planner's
+activation count assumes, :mod:`megaglm.planner.activations`).
 
 Tensor parallelism (vocabulary split over the TP ranks, rank r holding ``[r V/tp, (r+1) V/tp)``): each
 rank shifts by its own row maximum ``m_r`` and sums ``s_r = sum exp(x - m_r)``; then the global maximum
 ``M`` (all-reduce max), the global sum ``S = sum_r s_r exp(m_r - M)`` and the target logit (all-reduce
-sum; only its owner contributes) give ``loss = log S + M - x_target``, and the gradient
-``softmax - onehot = exp(x - m_r) exp(m_r - M) / S - onehot`` (the usual log-sum-exp identity).
+sum; only its owner contributes) give ``loss = log S + M - x_target``; one more pass turns the kept
+``exp(x - m_r)`` into the softmax ``exp(x - m_r) exp(m_r - M) / S`` (the usual log-sum-exp identity).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class _BlockedCrossEntropy(torch.autograd.Function):
             picked[i:i + block_rows] = blk.gather(1, local[i:i + block_rows, None])[:, 0]
             blk.sub_(m)
             blk.exp_()
+            s = blk.sum(-1, keepdim=True)
+            if size == 1:
+                blk.div_(s)  # the softmax, while the block is still in cache
             row_max[i:i + block_rows] = m[:, 0]
-            sums[i:i + block_rows] = blk.sum(-1)
+            sums[i:i + block_rows] = s[:, 0]
         picked = torch.where(owned, picked, torch.zeros_like(picked))
         if size > 1:
             global_max = row_max.clone()
@@ -65,19 +70,23 @@ class _BlockedCrossEntropy(torch.autograd.Function):
             total = sums * rescale
             dist.all_reduce(total, group=group)
             dist.all_reduce(picked, group=group)
+            factor = (rescale / total).unsqueeze(-1)  # exp(x - m_r) -> exp(x - M) / S, the softmax
+            for i in range(0, rows, block_rows):
+                x[i:i + block_rows].mul_(factor[i:i + block_rows])
         else:
-            global_max, rescale, total = row_max, torch.ones_like(sums), sums
+            global_max, total = row_max, sums
         loss = torch.log(total) + global_max - picked
-        ctx.save_for_backward(logits, local, owned, rescale / total)
+        # what megatron-core's keeps too: the softmax, int64 shard-local targets, bool ownership (9 B/token)
+        ctx.save_for_backward(logits, local, owned)
         ctx.block_rows = block_rows
         return loss.view(target.shape)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        logits, local, owned, factor = ctx.saved_tensors  # holds exp(logits - m_r) now
+        logits, local, owned = ctx.saved_tensors  # logits holds the softmax now
         x = logits.view(-1, logits.size(-1))
         g = grad_loss.reshape(-1).to(x.dtype)
-        scale = (g * factor).unsqueeze(-1)
+        scale = g.unsqueeze(-1)
         for i in range(0, x.size(0), ctx.block_rows):
             x[i:i + ctx.block_rows].mul_(scale[i:i + ctx.block_rows])
         rows = torch.arange(x.size(0), device=x.device)[owned]
