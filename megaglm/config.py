@@ -300,6 +300,11 @@ class PrecisionConfig:
     hysteresis: int = 2
 
 
+# PrecisionConfig's fp16 loss-scaler keys: each passes to megatron-core's OptimizerConfig under the same name
+# (megaglm.models.glm.precision.loss_scale_fields); a resume ignores them unless the run is fp16.
+LOSS_SCALE_KEYS = ("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+
+
 @dataclass
 class CheckpointConfig:
     """``save_dir`` gets ``iter_XXXXXXX/`` checkpoints and a ``latest`` pointer; runs resume from

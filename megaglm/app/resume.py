@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megaglm.config import LOSS_SCALE_KEYS
+
 __all__ = ["CONTINUE", "CHECKPOINT", "REFUSE", "Decision", "ResumeReport", "classify", "resume_decisions",
            "flatten", "saved_config"]
 
@@ -51,8 +53,7 @@ _OPTIMIZER_STATE = {"train.adam_beta1", "train.adam_beta2", "train.adam_eps"}
 _STAGE_RUNNER = {"stage.parent_checkpoint"}
 # fp16's loss scaler: the scale itself continues from the checkpoint (megatron saves the scaler's state);
 # the other knobs apply as asked. Ignored unless the run is fp16.
-_LOSS_SCALE = {"precision." + k for k in ("loss_scale", "initial_loss_scale", "min_loss_scale",
-                                          "loss_scale_window", "hysteresis")}
+_LOSS_SCALE = {"precision." + k for k in LOSS_SCALE_KEYS}
 
 
 @dataclass(frozen=True)

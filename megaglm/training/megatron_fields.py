@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from megaglm.config import LOSS_SCALE_KEYS
 from megaglm.models.glm.builder import transformer_config_fields
 from megaglm.models.glm.precision import mixed_precision_fields
 from megaglm.training.plan import MegatronFields
@@ -55,11 +56,7 @@ FIELD_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "precision.num_layers_at_start_in_bf16": ("transformer:num_layers_at_start_in_bf16",),
     "precision.num_layers_at_end_in_bf16": ("transformer:num_layers_at_end_in_bf16",),
     # fp16's loss scaler (megatron's DynamicGradScaler / ConstantGradScaler, built with the optimizer)
-    "precision.loss_scale": ("optimizer:loss_scale",),
-    "precision.initial_loss_scale": ("optimizer:initial_loss_scale",),
-    "precision.min_loss_scale": ("optimizer:min_loss_scale",),
-    "precision.loss_scale_window": ("optimizer:loss_scale_window",),
-    "precision.hysteresis": ("optimizer:hysteresis",),
+    **{f"precision.{k}": (f"optimizer:{k}",) for k in LOSS_SCALE_KEYS},
     # ---- train.*
     "train.train_iters": ("scheduler:lr_decay_steps", _LOOP),
     "train.micro_batch_size": (_LAYOUT, _BATCHES),

@@ -119,11 +119,7 @@ def train_step(run: Run, batches: Batches, iteration: int = 0) -> StepResult:
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    opt = run.plan.megatron.optimizer
-    fp16 = bool(opt.get("fp16"))
-    if fp16:  # the scale this step's loss is multiplied by
-        scale_before = float(run.optimizer.get_loss_scale().item())
-        scale_can_drop = opt.get("loss_scale") is None and scale_before > float(opt["min_loss_scale"])
+    scale_before = _fp16_loss_scale(run)  # the scale this step's loss is multiplied by (None unless fp16)
     try:
         out = run_schedule(run, batches.train_iterator(), forward_only=False,
                            seq_length=batches.step_seq_length)  # SFT sort / naive: this step's row length
@@ -138,18 +134,36 @@ def train_step(run: Run, batches: Batches, iteration: int = 0) -> StepResult:
             f"Lower train.lr (now {t.lr:g}) or raise train.lr_warmup_iters (now {t.lr_warmup_iters}), check "
             "the data, and resume from the last checkpoint (MEGAGLM_FULL_ERRORS=1 shows megatron's traceback)"
         ) from err
-    loss_scale = None
-    if fp16:
-        loss_scale = float(run.optimizer.get_loss_scale().item())
-        if not update_ok and not scale_can_drop:
-            key = "loss_scale" if opt.get("loss_scale") is not None else "min_loss_scale"
-            raise NonFiniteGradients(
-                f"iteration {iteration}, rank {this_rank()}: the fp16 gradients are not finite at loss scale "
-                f"{scale_before:g} (precision.{key}), which cannot be lowered further; the update was not applied "
-                f"and the run stopped. Lower train.lr (now {run.plan.config.train.lr:g}) or precision.{key}, check "
-                "the data, or train in bf16, and resume from the last checkpoint")
+    if scale_before is not None and not update_ok:
+        _stop_at_the_lowest_scale(run, scale_before, iteration)
     if update_ok:
         run.scheduler.step(increment=1)
     return StepResult(reduce_loss(out), grad_norm, bool(update_ok), run.optimizer.param_groups[0]["lr"],
-                      time.time() - t0, reduce_metrics(run, out), loss_scale)
+                      time.time() - t0, reduce_metrics(run, out), _fp16_loss_scale(run))
+
+
+def _fp16_loss_scale(run: Run) -> Optional[float]:
+    """The fp16 loss scaler's current scale; None when the run is not fp16."""
+    if not run.plan.megatron.optimizer.get("fp16"):
+        return None
+    return float(run.optimizer.get_loss_scale().item())
+
+
+def _stop_at_the_lowest_scale(run: Run, scale_before: float, iteration: int) -> None:
+    """After an fp16 step skipped for overflow at ``scale_before``: return when the scaler could still lower
+    the scale (dynamic scaling above ``precision.min_loss_scale``), the run goes on with the next step.
+
+    Raises:
+        NonFiniteGradients: the scale is constant (``precision.loss_scale``) or already at the minimum.
+    """
+    opt = run.plan.megatron.optimizer
+    constant = opt.get("loss_scale") is not None
+    if not constant and scale_before > float(opt["min_loss_scale"]):
+        return
+    key = "loss_scale" if constant else "min_loss_scale"
+    raise NonFiniteGradients(
+        f"iteration {iteration}, rank {this_rank()}: the fp16 gradients are not finite at loss scale "
+        f"{scale_before:g} (precision.{key}), which cannot be lowered further; the update was not applied "
+        f"and the run stopped. Lower train.lr (now {run.plan.config.train.lr:g}) or precision.{key}, check "
+        "the data, or train in bf16, and resume from the last checkpoint")
 

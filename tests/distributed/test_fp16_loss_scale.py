@@ -134,3 +134,30 @@ def test_fp16_with_data_parallel_distributed_optimizer_skips_the_same_steps(fp16
     assert [b[it]["train/loss_scale"] for it in sorted(b)] == [a[it]["train/loss_scale"] for it in sorted(a)]
     for it in sorted(a):  # gradients reduced in another order: the losses agree closely, not bitwise
         assert b[it]["train/lm_loss"] == pytest.approx(a[it]["train/lm_loss"], rel=2e-3), it
+
+
+def test_fp16_stage_chain_with_the_optimizer_carries_the_loss_scale(small_vocab_dataset, tmp_path):
+    # fp16 x the staged schedule: tiny_256 -> tiny_1k (shrunk to 64 -> 128 tokens) with
+    # stage.load_optimizer=true. The second stage continues the first one's optimizer, loss scaler included:
+    # it starts at the scale the first stage settled on, not at 2^32 (which would skip its first ~27 steps
+    # again), and its steps apply.
+    out = tmp_path / "chain"
+    per_stage = {"tiny_256": {"train.train_iters": 30},
+                 "tiny_1k": {"train.train_iters": 34, "train.seq_length": 128, "model.max_position_embeddings": 128,
+                             "train.micro_batch_size": 1, "stage.load_optimizer": "true"}}
+    items = [f"{s}:{k}={v}" for s, kv in per_stage.items() for k, v in kv.items()]
+    extra = {**FP16, "train.seq_length": 64, "model.max_position_embeddings": 64, "train.micro_batch_size": 2,
+             "stage.eval.lengths": "[64]", "stage.eval.buckets": "[0,64]", "stage.eval.num_documents": 1,
+             "stage.eval.passkey_lengths": "[64]", "stage.eval.passkey_depths": "[0.5]",
+             "stage.eval.passkey_trials": 1, "stage.overrides": "[" + ",".join(f"'{i}'" for i in items) + "]"}
+    ok(train(*common_overrides(small_vocab_dataset, out, **extra), "precision=fp16", "stage=tiny_1k", timeout=600))
+    first, second = steps(out / "tiny_256"), steps(out / "tiny_1k")
+    assert first[1]["train/loss_scale"] == 2.0 ** 32 and first[1].get("train/grad_norm") is None  # fresh scaler
+    settled = first[30]["train/loss_scale"]
+    assert settled < 2.0 ** 16
+    assert sorted(second) == list(range(31, 35))  # the iteration count continues with the optimizer
+    # megatron's scaler state (scale, growth and hysteresis trackers) came with the optimizer: the scale is
+    # the settled one, or half of it if the new stage's first step overflowed
+    assert second[31]["train/loss_scale"] in (settled, settled / 2)
+    assert all(second[it]["train/loss_scale"] <= settled for it in second)
+    assert sum(second[it].get("train/grad_norm") is not None for it in second) >= 3

@@ -15,7 +15,14 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers_model import load_model_preset  # noqa: E402
 
-from megaglm.config import ParallelConfig, PrecisionConfig, RunConfig, TrainConfig, register_configs  # noqa: E402
+from megaglm.config import (  # noqa: E402
+    LOSS_SCALE_KEYS,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+    register_configs,
+)
 from megaglm.models.glm import builder, precision, spec  # noqa: E402
 from megaglm.parallel.layout import validate_layout  # noqa: E402
 
@@ -273,6 +280,8 @@ def test_fp16_preset_scales_the_loss_dynamically_and_leaves_overflows_to_the_sca
                            "initial_loss_scale": 2.0 ** 32, "min_loss_scale": 1.0, "loss_scale_window": 1000,
                            "hysteresis": 2}
     OptimizerConfig(**f.optimizer)  # megatron-core takes every field
+    # the one list of loss-scaler keys (resume policy, run-plan destinations) is exactly what is passed on
+    assert set(precision.loss_scale_fields(cfg.precision)) == set(LOSS_SCALE_KEYS)
     ddp = ddp_fields(OmegaConf.structured(cfg), f.ddp)
     assert ddp["check_for_nan_in_grad"] is False  # the scaler skips overflowing steps, DDP must not stop them
     DistributedDataParallelConfig(**ddp)

@@ -201,8 +201,8 @@ def mixed_precision_fields(precision_cfg: PrecisionConfig, device_type: str = "c
 
 
 def loss_scale_fields(precision_cfg: PrecisionConfig) -> dict[str, Any]:
-    """``OptimizerConfig``'s loss-scaler kwargs for an fp16 run (``loss_scale``, ``initial_loss_scale``,
-    ``min_loss_scale``, ``loss_scale_window``, ``hysteresis``; see :class:`megaglm.config.PrecisionConfig`).
+    """``OptimizerConfig``'s loss-scaler kwargs for an fp16 run: the :data:`megaglm.config.LOSS_SCALE_KEYS`
+    of ``precision_cfg`` under the same names (see :class:`megaglm.config.PrecisionConfig`), checked.
 
     Raises:
         ValueError: a scale that is not positive, ``initial_loss_scale`` below ``min_loss_scale``, or a
