@@ -148,7 +148,7 @@ def test_fp16_stage_chain_with_the_optimizer_carries_the_loss_scale(small_vocab_
     items = [f"{s}:{k}={v}" for s, kv in per_stage.items() for k, v in kv.items()]
     extra = {**FP16, "train.seq_length": 64, "model.max_position_embeddings": 64, "train.micro_batch_size": 2,
              "stage.eval.lengths": "[64]", "stage.eval.buckets": "[0,64]", "stage.eval.num_documents": 1,
-             "stage.eval.passkey_lengths": "[64]", "stage.eval.passkey_depths": "[0.5]",
+             "stage.eval.passkey_lengths": "[128]", "stage.eval.passkey_depths": "[0.5]",
              "stage.eval.passkey_trials": 1, "stage.overrides": "[" + ",".join(f"'{i}'" for i in items) + "]"}
     ok(train(*common_overrides(small_vocab_dataset, out, **extra), "precision=fp16", "stage=tiny_1k", timeout=600))
     first, second = steps(out / "tiny_256"), steps(out / "tiny_1k")
