@@ -7,8 +7,8 @@ long, varied text). Each conversation asks a question whose answer is written in
 * ``passkey``: a line ``# pass key: NNNNN`` is hidden at a random line of a source window; "What is the
   pass key hidden in the code above?" -> ``"NNNNN"`` (needle retrieval, as in LongAlign's and GLM-4's
   long-context evaluations);
-* ``line``: the window is shown with line numbers (``  37| ...``); "What is written on line 37?" -> that
-  line, verbatim (retrieval by position);
+* ``line``: the window is shown with line numbers (``  37|        return x``); "What is written on line
+  37?" -> that line verbatim, indentation included (retrieval by position);
 * ``multi``: both, as two user / assistant turns on one document;
 * ``tool``: a short tool-using exchange: the user asks for a line of a module that is not shown; the
   assistant calls ``read_line`` (GLM-4 tool-call format), the observation returns the line, the assistant
@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2  # 2: line / tool answers verbatim (indented lines, no quotes)
 DEMO_PREFIX_NAME = "longalign_demo"
 READ_LINE_TOOL = {
     "type": "function",
@@ -129,7 +129,19 @@ def _window(lines: list[str], tokenizer: Any, budget: int, rng: random.Random) -
 
 
 def _pick_line(lines: Sequence[str], rng: random.Random) -> Optional[int]:
-    good = [k for k, ln in enumerate(lines) if 8 <= len(ln.strip()) <= 60 and not ln.strip().startswith("#")]
+    """A line to ask for: ASCII code indented by spaces, 8-60 characters, ending in a letter or digit,
+    no comment, quote or backslash.
+
+    The answer is the line verbatim (indentation kept), so its tokens after the template's newline are
+    the very tokens the document shows. cl100k's pre-tokenizer joins a word to the character before it
+    (`` @`` after indentation, ``@property`` after the answer's newline) and trailing punctuation to the
+    newline after it (one token for a colon and the newline), and JSON escapes quotes: a stripped answer, a
+    line at column 0, one ending in punctuation or one with quotes would spell the same text with other
+    tokens than the document's, and copying it would be a harder task than the one it stands for.
+    """
+    good = [k for k, ln in enumerate(lines)
+            if ln[:1] == " " and ln.isascii() and ln.rstrip()[-1:].isalnum() and 8 <= len(ln.strip()) <= 60
+            and not ln.strip().startswith("#") and '"' not in ln and "\\" not in ln]
     return rng.choice(good) if good else None
 
 
@@ -151,13 +163,13 @@ def make_conversation(path: Path, lines: list[str], tokenizer: Any, target_token
         k = _pick_line(lines, rng)
         if k is None:
             return None
-        answer = lines[k].strip()
+        answer = lines[k].rstrip()
         return {"task": "tool", "module": module, "answer": answer, "messages": [
             {"role": "system", "content": "", "tools": [READ_LINE_TOOL]},
             {"role": "user", "content": f"What does line {k + 1} of {module} say?"},
             {"role": "assistant", "metadata": "read_line",
              "content": json.dumps({"module": module, "line": k + 1})},
-            {"role": "observation", "content": json.dumps({"text": lines[k]})},
+            {"role": "observation", "content": json.dumps({"text": answer})},
             {"role": "assistant", "content": answer},
         ]}
     budget = max(16, target_tokens - 48)
@@ -168,11 +180,11 @@ def make_conversation(path: Path, lines: list[str], tokenizer: Any, target_token
         indent = window[at][: len(window[at]) - len(window[at].lstrip())] if at < len(window) else ""
         window = window[:at] + [f"{indent}# pass key: {key}"] + window[at:]
     if task in ("line", "multi"):
-        numbered = [f"{start + 1 + j:>4}| {ln}" for j, ln in enumerate(window)]
+        numbered = [f"{start + 1 + j:>4}|{ln}" for j, ln in enumerate(window)]
         k = _pick_line(window, rng)
         if k is None:
             return None
-        line_no, line_text = start + 1 + k, window[k].strip()
+        line_no, line_text = start + 1 + k, window[k].rstrip()
     doc = "\n".join(numbered if task in ("line", "multi") else window)
     header = f"Here is part of the source of the Python module `{module}`:\n\n{doc}\n\n"
     if task == "passkey":
