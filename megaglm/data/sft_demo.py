@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEMO_FORMAT_VERSION = 2  # 2: line / tool answers verbatim (indented lines, no quotes)
+DEMO_FORMAT_VERSION = 2  # 2: line / tool answers verbatim (indented lines, no quotes); the mix as asked
 DEMO_PREFIX_NAME = "longalign_demo"
 READ_LINE_TOOL = {
     "type": "function",
@@ -238,14 +238,19 @@ def build_demo_conversations(out_jsonl: Path, tokenizer: Any, n: int = 2000, max
     counts: dict[str, int] = {}
     with open(out_jsonl, "w", encoding="utf-8") as f:
         written = 0
+        task, misses = rng.choices(tasks, weights)[0], 0
         while written < n:
             path = rng.choice(files)
             if path not in cache:
                 cache[path] = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            task = rng.choices(tasks, weights)[0]
             conv = make_conversation(path, cache[path], tokenizer, int(lengths[written]), rng, task)
-            if conv is None:
+            if conv is None:  # no line to ask about in this window: the same task on another one, so
+                misses += 1   # that the written mix is the asked one
+                if misses > 10_000:
+                    raise RuntimeError(f"no {task!r} conversation in 10,000 source windows of "
+                                       f"{int(lengths[written])} tokens: raise data.chat_demo.max_tokens")
                 continue
+            task, misses = rng.choices(tasks, weights)[0], 0
             f.write(json.dumps(conv, ensure_ascii=False) + "\n")
             counts[conv["task"]] = counts.get(conv["task"], 0) + 1
             written += 1
