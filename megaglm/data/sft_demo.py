@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEMO_FORMAT_VERSION = 2  # 2: line / tool answers verbatim (indented lines, no quotes); the mix as asked
+DEMO_FORMAT_VERSION = 3  # 2: line / tool answers verbatim (indented lines, no quotes); 3: the mix as asked
 DEMO_PREFIX_NAME = "longalign_demo"
 READ_LINE_TOOL = {
     "type": "function",
